@@ -1,0 +1,43 @@
+"""svi-jax: Stable Video Infinity (error-recycling fine-tuning of Wan2.1) on JAX/Flax."""
+from setuptools import find_packages, setup
+
+RUNTIME = [
+    "jax>=0.4.35",
+    "flax>=0.10",
+    "optax",
+    "orbax-checkpoint",
+    "chex",
+    "einops",
+    "ml_collections",
+    "absl-py",
+    "numpy",
+    "tensorflow-datasets>=4.9.7",
+    "array_record",
+    "imageio",
+    "imageio-ffmpeg",
+    "safetensors",
+    "tqdm",
+    "sentencepiece",
+    "scikit-image",
+    "matplotlib",
+    "tensorboardX",
+]
+
+# PyTorch reference + converters. torch is pinned: an unpinned torch pulls a multi-GB CUDA build.
+TORCH = ["torch==2.13.0", "diffusers", "transformers", "peft", "safetensors"]
+
+setup(
+    name="svi_jax",
+    version="0.1.0",
+    description="Stable Video Infinity (ERFT for Wan2.1) in JAX/Flax for TPU pods and CUDA",
+    packages=find_packages(include=["svi_jax", "svi_jax.*", "configs", "bench"]),
+    package_data={"svi_jax": ["assets/*"]},
+    python_requires=">=3.10",
+    install_requires=RUNTIME,
+    extras_require={
+        "torch": TORCH,
+        "test": TORCH + ["pytest", "pytest-xdist"],
+        "cuda": ["jax[cuda12]"],
+        "tpu": ["jax[tpu]"],
+    },
+)

@@ -1,0 +1,138 @@
+"""Model checkpoints on disk: ``DIR/config.json`` (kind + model config) and ``DIR/params`` (an orbax pytree).
+
+Every converted model (DiT, VAE, UMT5, CLIP) is stored this way, and :func:`svi_jax.load` reads it back.
+Parameters are checked against the shapes the model's config implies; any mismatch fails naming the key and
+both shapes.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not match what its config (or the caller) expects."""
+
+
+def path_str(path) -> str:
+    """'blocks/self_attn/q/kernel' for a jax key path."""
+    parts = []
+    for k in path:
+        if isinstance(k, jax.tree_util.DictKey):
+            parts.append(str(k.key))
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            parts.append(k.name)
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            parts.append(str(k.idx))
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def flatten(tree) -> dict[str, Any]:
+    return {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict:
+    out: dict = {}
+    for key, value in flat.items():
+        node = out
+        parts = key.split("/")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def check_tree(expected, actual, what: str = "checkpoint", check_dtype: bool = False) -> None:
+    """Fail with a clear message if ``actual`` lacks, adds or mis-shapes any leaf of ``expected``.
+
+    ``expected`` may hold arrays or ``jax.ShapeDtypeStruct``s.
+    """
+    exp, act = flatten(expected), flatten(actual)
+    missing = sorted(set(exp) - set(act))
+    unexpected = sorted(set(act) - set(exp))
+    problems = []
+    if missing:
+        problems += [f"missing key {k!r} (expected shape {tuple(exp[k].shape)})" for k in missing]
+    if unexpected:
+        problems += [f"unexpected key {k!r} (shape {tuple(np.shape(act[k]))})" for k in unexpected]
+    for k in sorted(set(exp) & set(act)):
+        es, as_ = tuple(exp[k].shape), tuple(np.shape(act[k]))
+        if es != as_:
+            problems.append(f"key {k!r}: expected shape {es}, got {as_}")
+        elif check_dtype and np.dtype(exp[k].dtype) != np.dtype(act[k].dtype):
+            problems.append(f"key {k!r}: expected dtype {exp[k].dtype}, got {act[k].dtype}")
+    if problems:
+        head = f"{what} does not match its config ({len(problems)} problem(s)):\n  "
+        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+        raise CheckpointError(head + "\n  ".join(shown))
+
+
+def _checkpointer():
+    import orbax.checkpoint as ocp
+
+    return ocp.StandardCheckpointer()
+
+
+def save_model(directory: str, kind: str, config: Mapping[str, Any], params) -> str:
+    """Write ``config.json`` and the params (orbax). Returns the absolute directory."""
+    directory = os.path.abspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    params_dir = os.path.join(directory, "params")
+    if os.path.exists(params_dir):
+        import shutil
+
+        shutil.rmtree(params_dir)
+    ckptr = _checkpointer()
+    ckptr.save(params_dir, params)
+    ckptr.wait_until_finished()
+    meta = {"kind": kind, "format_version": FORMAT_VERSION, "config": dict(config)}
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(meta, f, indent=2, sort_keys=True, default=_json_default)
+    return directory
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def read_meta(directory: str) -> dict:
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{directory} is not an svi_jax model directory: no config.json "
+                              f"(convert weights first with `python convert/from_torch.py ...`)")
+    with open(path) as f:
+        meta = json.load(f)
+    if "kind" not in meta or "config" not in meta:
+        raise CheckpointError(f"{path} has no 'kind'/'config' entries; was it written by svi_jax?")
+    return meta
+
+
+def load_params(directory: str, expected, what: str | None = None):
+    """Restore params and check them against ``expected`` (a tree of ShapeDtypeStructs or arrays)."""
+    import orbax.checkpoint as ocp
+
+    params_dir = os.path.join(os.path.abspath(directory), "params")
+    if not os.path.isdir(params_dir):
+        raise CheckpointError(f"{directory}: no params/ directory")
+    ckptr = ocp.StandardCheckpointer()
+    meta = ckptr.metadata(params_dir)
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    stored = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree)
+    check_tree(expected, stored, what or f"checkpoint {directory}")
+    # Restore in the stored dtypes; casting is the caller's choice.
+    return ckptr.restore(params_dir, stored)

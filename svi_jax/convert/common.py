@@ -1,0 +1,220 @@
+"""Shared machinery of the PyTorch -> svi_jax converters.
+
+* :class:`TensorSource` opens a checkpoint *lazily*: a ``.safetensors`` file, a directory of sharded
+  safetensors (with or without ``*.index.json``), or a ``.pth``/``.pt``/``.bin`` file read with
+  ``torch.load(weights_only=True, mmap=True)``. Tensors are read one at a time, so converting a 14B model
+  needs about one copy of the output plus one tensor in host RAM, never two copies of the model.
+* :class:`Assembler` fills preallocated target arrays (including per-layer slices of the stacked, scanned
+  block parameters) and fails naming the key and both shapes on anything missing, unexpected or mis-shaped.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+from typing import Callable, Iterable
+
+import numpy as np
+
+try:  # bfloat16 for numpy (ships with jax)
+    import ml_dtypes
+
+    BF16 = np.dtype(ml_dtypes.bfloat16)
+except Exception:  # pragma: no cover
+    BF16 = None
+
+
+class ConversionError(ValueError):
+    """A source checkpoint cannot be converted; the message names the key(s) and shape(s)."""
+
+
+def parse_dtype(name: str | None):
+    if name in (None, "", "auto"):
+        return None
+    return {"float32": np.dtype(np.float32), "fp32": np.dtype(np.float32),
+            "bfloat16": BF16, "bf16": BF16, "float16": np.dtype(np.float16), "fp16": np.dtype(np.float16)}[name]
+
+
+class TensorSource:
+    """Lazy read access to the tensors of a PyTorch checkpoint (file or directory)."""
+
+    def __init__(self, src: str, strip_prefixes: Iterable[str] = ()):
+        self.src = os.path.abspath(src)
+        self._where: dict[str, tuple[str, str]] = {}  # key -> (kind, file)
+        self._torch_sd = None
+        self.config: dict | None = None
+        files = self._files()
+        if not files:
+            raise ConversionError(f"no checkpoint files found at {src} "
+                                  f"(expected .safetensors, a sharded safetensors directory, or .pth/.pt/.bin)")
+        for f in files:
+            if f.endswith(".safetensors"):
+                from safetensors import safe_open
+
+                with safe_open(f, framework="pt") as h:
+                    for k in h.keys():
+                        self._where[k] = ("st", f)
+            else:
+                import torch
+
+                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+                    sd = sd["state_dict"]
+                if not isinstance(sd, dict):
+                    raise ConversionError(f"{f}: expected a state dict, got {type(sd).__name__}")
+                self._torch_sd = {**(self._torch_sd or {}), **sd}
+                for k in sd:
+                    self._where[k] = ("pt", f)
+        # Strip wrapper prefixes (e.g. "model.", "pipe.dit.") when every key carries them.
+        self._alias = {k: k for k in self._where}
+        for p in strip_prefixes:
+            if self._alias and all(k.startswith(p) for k in self._alias):
+                self._alias = {k[len(p):]: v for k, v in self._alias.items()}
+        cfg_dir = self.src if os.path.isdir(self.src) else os.path.dirname(self.src)
+        cfg = os.path.join(cfg_dir, "config.json")
+        if os.path.isfile(cfg):
+            with open(cfg) as fh:
+                self.config = json.load(fh)
+        self._handles: dict[str, object] = {}
+
+    def _files(self) -> list[str]:
+        if os.path.isfile(self.src):
+            return [self.src]
+        if not os.path.isdir(self.src):
+            raise ConversionError(f"source {self.src} does not exist")
+        index = sorted(glob.glob(os.path.join(self.src, "*.safetensors.index.json")))
+        if index:
+            with open(index[0]) as fh:
+                wm = json.load(fh)["weight_map"]
+            return sorted({os.path.join(self.src, v) for v in wm.values()})
+        st = sorted(glob.glob(os.path.join(self.src, "*.safetensors")))
+        if st:
+            return st
+        return sorted(glob.glob(os.path.join(self.src, "*.pth")) + glob.glob(os.path.join(self.src, "*.pt"))
+                      + glob.glob(os.path.join(self.src, "*.bin")))
+
+    def keys(self) -> list[str]:
+        return sorted(self._alias)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._alias
+
+    def _raw(self, key: str):
+        if key not in self._alias:
+            raise ConversionError(f"missing key {key!r} in {self.src}")
+        real = self._alias[key]
+        kind, f = self._where[real]
+        if kind == "st":
+            from safetensors import safe_open
+
+            h = self._handles.get(f)
+            if h is None:
+                h = self._handles[f] = safe_open(f, framework="pt")
+            return h.get_tensor(real)
+        return self._torch_sd[real]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        real = self._alias.get(key)
+        if real is None:
+            raise ConversionError(f"missing key {key!r} in {self.src}")
+        kind, f = self._where[real]
+        if kind == "st":
+            from safetensors import safe_open
+
+            h = self._handles.get(f)
+            if h is None:
+                h = self._handles[f] = safe_open(f, framework="pt")
+            return tuple(h.get_slice(real).get_shape())
+        return tuple(self._torch_sd[real].shape)
+
+    def is_half(self, key: str) -> bool:
+        """Whether the stored tensor is bf16/fp16 (converted checkpoints then default to bf16)."""
+        real = self._alias[key]
+        kind, f = self._where[real]
+        if kind == "st":
+            from safetensors import safe_open
+
+            h = self._handles.get(f)
+            if h is None:
+                h = self._handles[f] = safe_open(f, framework="pt")
+            return h.get_slice(real).get_dtype() in ("BF16", "F16")
+        import torch
+
+        return self._torch_sd[real].dtype in (torch.bfloat16, torch.float16)
+
+    def get(self, key: str) -> np.ndarray:
+        """The tensor as a numpy array (bf16 sources come back as float32)."""
+        import torch
+
+        t = self._raw(key)
+        if t.dtype in (torch.bfloat16, torch.float16):
+            t = t.float()
+        return t.detach().cpu().numpy()
+
+
+class Assembler:
+    """Preallocated output tree, filled tensor by tensor with shape checks.
+
+    ``spec`` maps our flat param path (``"blocks/self_attn/q/kernel"``) to ``(shape, dtype)``; stacked (scanned)
+    params have the layer axis first and are filled slice by slice with ``layer=i``.
+    """
+
+    def __init__(self, spec: dict[str, tuple[tuple[int, ...], np.dtype]], source_name: str):
+        self.spec = spec
+        self.source_name = source_name
+        self.arrays = {k: np.zeros(s, d) for k, (s, d) in spec.items()}
+        self.filled: dict[str, int] = {k: 0 for k in spec}
+        self.consumed: set[str] = set()
+
+    def put(self, dst: str, value: np.ndarray, src_key: str, layer: int | None = None) -> None:
+        if dst not in self.arrays:
+            raise ConversionError(f"internal: no target {dst!r} for source key {src_key!r}")
+        target = self.arrays[dst]
+        want = target.shape[1:] if layer is not None else target.shape
+        if tuple(value.shape) != tuple(want):
+            raise ConversionError(
+                f"shape mismatch for source key {src_key!r} -> {dst!r}"
+                f"{'' if layer is None else f'[layer {layer}]'}: expected {tuple(want)}, got {tuple(value.shape)}")
+        if layer is None:
+            target[...] = value.astype(target.dtype)
+            self.filled[dst] += 1
+        else:
+            target[layer] = value.astype(target.dtype)
+            self.filled[dst] += 1
+        self.consumed.add(src_key)
+
+    def finish(self, all_source_keys: Iterable[str], ignore: Callable[[str], bool] = lambda k: False):
+        problems = []
+        for k, (shape, _) in self.spec.items():
+            need = shape[0] if k.startswith("blocks/") else 1
+            if self.filled[k] != need:
+                problems.append(f"target {k!r} {tuple(shape)} was filled {self.filled[k]} time(s), expected {need}")
+        unexpected = [k for k in all_source_keys if k not in self.consumed and not ignore(k)]
+        if unexpected:
+            problems += [f"unexpected source key {k!r}" for k in unexpected[:20]]
+            if len(unexpected) > 20:
+                problems.append(f"... and {len(unexpected) - 20} more unexpected keys")
+        if problems:
+            raise ConversionError(f"cannot convert {self.source_name}:\n  " + "\n  ".join(problems))
+        return self.arrays
+
+
+def block_index(key: str, prefix: str = "blocks.") -> tuple[int, str] | None:
+    """'blocks.12.self_attn.q.weight' -> (12, 'self_attn.q.weight')."""
+    m = re.match(re.escape(prefix) + r"(\d+)\.(.+)$", key)
+    if not m:
+        return None
+    return int(m.group(1)), m.group(2)
+
+
+def progress(iterable, total=None, desc="converting"):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit="tensor", dynamic_ncols=True)
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
