@@ -397,8 +397,7 @@ class Head(nn.Module):
         shift, scale = e[:, 0:1], e[:, 1:2]
         h = LayerNorm(cfg.eps, name="norm")(x).astype(jnp.float32) * (1 + scale) + shift
         out_feats = cfg.out_dim * int(np.prod(cfg.patch_size))
-        return Linear(out_feats, ("embed", None), dtype=jnp.float32, param_dtype=pdt,
-                      kernel_init=nn.initializers.zeros_init(), name="head")(h)
+        return Linear(out_feats, ("embed", None), dtype=jnp.float32, param_dtype=pdt, name="head")(h)
 
 
 # ------------------------------------------------------------------------------------------ the object

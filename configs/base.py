@@ -1,0 +1,33 @@
+"""Shared defaults of every training config: the official SVI settings (``scripts/train/svi_shot.sh``)."""
+import ml_collections
+
+from svi_jax.data.config import default_config as data_config
+from svi_jax.erft import erft_config
+from svi_jax.lora import DEFAULT_TARGETS
+
+
+def train_config(model: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.name = name
+    c.model = model
+    # Converted checkpoints (python convert/from_torch.py ...); '' = random init from train.seed (tiny configs only).
+    c.checkpoints = ml_collections.ConfigDict(dict(dit="", vae="", t5="", clip="", tokenizer=""))
+    # Architectures of randomly initialised encoders (used only where a checkpoint path is '').
+    c.encoders = ml_collections.ConfigDict(dict(vae=ml_collections.ConfigDict(), t5=ml_collections.ConfigDict(),
+                                                clip=ml_collections.ConfigDict()))
+    c.data = data_config()
+    c.data.videos = ""       # a folder of videos (official layout) -> built into data.dataset on first use
+    c.data.dataset = ""      # a built dataset (python -m svi_jax.data build ...); default: <workdir>/dataset
+    c.data.cache = ""        # a latent cache (python -m svi_jax.data cache ...): trains on stored tensors
+    c.data.synthetic = 0     # > 0: generate this many synthetic clips into <workdir>/videos when data.videos is ''
+    c.lora = ml_collections.ConfigDict(dict(rank=128, alpha=128, targets=DEFAULT_TARGETS, dtype="float32",
+                                            export_prefix=""))
+    c.erft = erft_config()   # official Shot probabilities, 50 grids x 500, warm-up 50
+    c.erft.enabled = True
+    c.erft.bank_dtype = "bfloat16"
+    # AdamW lr 1e-4 as the official scripts (the paper's table says 2e-5: --config.optim.lr=2e-5).
+    c.optim = ml_collections.ConfigDict(dict(lr=1e-4, weight_decay=0.01, grad_clip=1.0, b1=0.9, b2=0.999, eps=1e-8))
+    c.train = ml_collections.ConfigDict(dict(num_steps=10000, seed=0, ckpt_every=500, keep=3, max_nonfinite=10,
+                                             export_lora=True, async_checkpoints=True))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, context=1, tensor=1))
+    return c

@@ -1,0 +1,226 @@
+"""What feeds the train step: the frozen encoders as pure functions, and the data stream.
+
+``make_conditioner(config)`` returns an object with
+
+* ``params``: ``{'vae': ..., 't5': ..., 'clip': ...}`` (frozen; they live in the train state next to the DiT),
+* ``prepare(params, batch, key)`` -> ``{x0, y, context, clip_fea}``: pure and jittable, run *inside* the train step
+  (the official code also encodes every clip every step; a latent cache skips it, see ``svi_jax.data``),
+* ``device_batch(host_batch)``: tokenises captions on the host and turns arrays into device arrays.
+
+Encoders come from converted checkpoints (``config.checkpoints.{vae,t5,clip,tokenizer}``) or, for the tiny configs,
+from a seeded random init of the architectures in ``config.encoders`` (the same code path at tiny width).
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import einops
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from svi_jax.conditioning import build_y
+
+log = logging.getLogger(__name__)
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids (pad 0, eos 1, byte b -> b + 2) for tiny configs without a tokenizer file."""
+
+    vocab_size = 258
+
+    def __init__(self, text_len: int):
+        self.text_len = text_len
+
+    def __call__(self, texts):
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        ids = np.zeros((len(texts), self.text_len), np.int32)
+        mask = np.zeros((len(texts), self.text_len), np.int32)
+        for i, t in enumerate(texts):
+            toks = [b + 2 for b in t.encode("utf-8")][: self.text_len - 1] + [1]
+            ids[i, : len(toks)] = toks
+            mask[i, : len(toks)] = 1
+        return ids, mask
+
+
+# ------------------------------------------------------------------------------------------------ encoders
+
+
+def vae_encode_fn(cfg):
+    """Pure ``(params, video [B, 1+4k, H, W, 3]) -> normalised latents``: first frame, then 4 frames a step under
+    ``lax.scan`` with the causal cache as the carry (one compiled chunk body for every chunk)."""
+    from svi_jax.models.vae import WanVAE, _apply
+
+    mean = jnp.asarray(cfg.latents_mean, jnp.float32)
+    std = jnp.asarray(cfg.latents_std, jnp.float32)
+
+    def encode(params, video):
+        z0, cache = _apply(params, video[:, :1], None, cfg, True, WanVAE.encode_chunk)
+        rest = video[:, 1:]
+        if rest.shape[1] == 0:
+            z = z0
+        else:
+            chunks = einops.rearrange(rest, "b (n k) h w c -> n b k h w c", k=4)
+
+            def body(c, x):
+                z, c = _apply(params, x, c, cfg, False, WanVAE.encode_chunk)
+                return c, z
+
+            _, zs = jax.lax.scan(body, cache, chunks)
+            z = jnp.concatenate([z0, einops.rearrange(zs, "n b k h w c -> b (n k) h w c")], axis=1)
+        return (z.astype(jnp.float32) - mean) / std
+
+    return encode
+
+
+class PixelConditioner:
+    """Encodes pixel batches (video, cond, first_frame, caption) with the frozen VAE, UMT5 and CLIP."""
+
+    def __init__(self, config, vae_cfg, vae_params, t5_cfg, t5_params, tokenizer, clip_cfg=None, clip_params=None):
+        self.config = config
+        self.vae_cfg, self.t5_cfg, self.clip_cfg = vae_cfg, t5_cfg, clip_cfg
+        self.tokenizer = tokenizer
+        self.params = {"vae": vae_params, "t5": t5_params}
+        if clip_params is not None:
+            self.params["clip"] = clip_params
+        self._vae = vae_encode_fn(vae_cfg)
+        self.i2v = config.model.model_type == "i2v"
+        self.num_frames = int(config.data.num_frames)
+
+    def prepare(self, params, batch, key):
+        from svi_jax.models.t5 import UMT5
+
+        del key
+        if self.i2v:
+            both = jnp.concatenate([batch["video"], batch["cond"]], axis=0)     # one encode for clip + condition
+            z = self._vae(params["vae"], both)
+            x0, zc = jnp.split(z, 2, axis=0)
+            y = build_y(zc, self.num_frames)
+        else:
+            x0, y = self._vae(params["vae"], batch["video"]), None
+        ctx = UMT5(self.t5_cfg).apply({"params": params["t5"]}, batch["ids"], batch["ids_mask"])
+        out = {"x0": x0, "y": y, "context": ctx, "clip_fea": None}
+        if self.i2v:
+            from svi_jax.models.clip import CLIPVisionTower, preprocess
+
+            out["clip_fea"] = CLIPVisionTower(self.clip_cfg).apply({"params": params["clip"]},
+                                                                   preprocess(batch["first_frame"], self.clip_cfg))
+        return out
+
+    def device_batch(self, batch: dict) -> dict:
+        ids, mask = self.tokenizer([str(c) for c in batch["caption"]])
+        out = {"ids": jnp.asarray(ids, jnp.int32), "ids_mask": jnp.asarray(mask, jnp.int32),
+               "video": jnp.asarray(batch["video"], jnp.float32)}
+        if self.i2v:
+            out["cond"] = jnp.asarray(batch["cond"], jnp.float32)
+            out["first_frame"] = jnp.asarray(batch["first_frame"], jnp.float32)
+        return out
+
+
+class LatentConditioner:
+    """Batches that already hold model inputs (a latent cache): ``latents``, ``y``, ``context``, ``clip_fea``."""
+
+    params: dict = {}
+
+    def __init__(self, config):
+        self.i2v = config.model.model_type == "i2v"
+        self.params = {}
+
+    def prepare(self, params, batch, key):
+        del params, key
+        return {"x0": batch["latents"], "y": batch.get("y"), "context": batch["context"],
+                "clip_fea": batch.get("clip_fea")}
+
+    def device_batch(self, batch: dict) -> dict:
+        keys = ("latents", "y", "context", "clip_fea") if self.i2v else ("latents", "context")
+        return {k: jnp.asarray(batch[k], jnp.float32) for k in keys}
+
+
+def make_conditioner(config, workdir: str | None = None):
+    """Encoders from ``config.checkpoints`` or a seeded random init of ``config.encoders`` (tiny configs)."""
+    if config.data.get("cache", ""):
+        return LatentConditioner(config)
+    from svi_jax.models import clip as clip_mod
+    from svi_jax.models import t5 as t5_mod
+    from svi_jax.models import vae as vae_mod
+
+    seed = int(config.train.seed)
+    ck = config.checkpoints
+    if ck.vae:
+        vae = vae_mod.VAE.from_dir(ck.vae)
+        vae_cfg, vae_params = vae.config, vae.params
+    else:
+        vae_cfg = vae_mod.VAEConfig.from_dict(config.encoders.vae.to_dict())
+        vae_params = vae_mod.init_params(vae_cfg, seed + 11)
+    if ck.t5:
+        t5 = t5_mod.T5Encoder.from_dir(ck.t5, tokenizer_dir=ck.tokenizer or None)
+        t5_cfg, t5_params, tok = t5.config, t5.params, t5.tokenizer
+    else:
+        t5_cfg = t5_mod.T5Config.from_dict(config.encoders.t5.to_dict())
+        t5_params = t5_mod.T5Encoder.init(t5_cfg, seed + 12).params
+        tok = ByteTokenizer(t5_cfg.text_len)
+        if t5_cfg.vocab_size < ByteTokenizer.vocab_size:
+            raise ValueError(f"config.encoders.t5.vocab_size must be >= {ByteTokenizer.vocab_size} for the byte "
+                             f"tokenizer of the random tiny text encoder")
+    clip_cfg = clip_params = None
+    if config.model.model_type == "i2v":
+        if ck.clip:
+            c = clip_mod.CLIPVision.from_dir(ck.clip)
+            clip_cfg, clip_params = c.config, c.params
+        else:
+            clip_cfg = clip_mod.CLIPConfig.from_dict(config.encoders.clip.to_dict())
+            clip_params = clip_mod.CLIPVision.init(clip_cfg, seed + 13).params
+        if clip_cfg.dim != config.model.image_dim:
+            raise ValueError(f"CLIP width {clip_cfg.dim} != config.model.image_dim {config.model.image_dim}")
+    if t5_cfg.dim != config.model.text_dim:
+        raise ValueError(f"text encoder width {t5_cfg.dim} != config.model.text_dim {config.model.text_dim}")
+    if vae_cfg.z_dim != config.model.out_dim:
+        raise ValueError(f"VAE z_dim {vae_cfg.z_dim} != config.model.out_dim {config.model.out_dim}")
+    return PixelConditioner(config, vae_cfg, vae_params, t5_cfg, t5_params, tok, clip_cfg, clip_params)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def make_data(config, workdir: str, host_id: int | None = None, num_hosts: int | None = None):
+    """The training stream: a latent cache, or a built video dataset (built from ``data.videos`` -- or from
+    ``data.synthetic`` generated clips -- into ``<workdir>/dataset`` on first use)."""
+    from svi_jax.data import builder
+    from svi_jax.data.loader import ClipLoader
+
+    d = config.data
+    if d.get("cache", ""):
+        from svi_jax.data import cache as cache_mod
+
+        return cache_mod.LatentLoader(d.cache, config=d, host_id=host_id, num_hosts=num_hosts)
+    dataset = d.dataset or os.path.join(workdir, "dataset")
+    if not _is_built(dataset):
+        videos = d.videos
+        if not videos:
+            if not d.synthetic:
+                raise ValueError("no training data: set config.data.videos (a folder of videos), config.data.dataset "
+                                 "(a built dataset) or config.data.cache (a latent cache)")
+            from svi_jax.data import synthetic
+
+            videos = os.path.join(workdir, "videos")
+            if not os.path.isdir(videos):
+                log.info("generating %d synthetic clips into %s", d.synthetic, videos)
+                _quiet_fork_warning()
+                synthetic.write_dataset(videos, num_videos=int(d.synthetic), num_frames=max(int(d.num_frames), 17),
+                                        height=int(d.height), width=int(d.width), seed=int(d.seed))
+        log.info("building the dataset %s from %s", dataset, videos)
+        _quiet_fork_warning()
+        builder.build_dataset(videos, dataset)
+    return ClipLoader(dataset, d, host_id=host_id, num_hosts=num_hosts)
+
+
+def _quiet_fork_warning():
+    """ffmpeg runs in subprocesses that exec at once; Python's fork-with-threads warning does not apply."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+
+
+def _is_built(path: str) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "summary.json"))

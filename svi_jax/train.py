@@ -1,0 +1,448 @@
+"""ERFT LoRA training: ``python -m svi_jax.train --config configs/shot.py --workdir DIR [--config.key=value ...]``.
+
+One pure, jitted, donated train step over a state pytree::
+
+    state = {params (frozen DiT + encoders), lora, opt, banks {noise, latent}, rng, step, nonfinite_run,
+             nonfinite_total}
+
+does: (encode pixels with the frozen VAE/UMT5/CLIP, or take cached latents) -> flow-matching noise at shift 5 with
+the official timestep sampling and loss weighting -> ERFT error injection -> DiT forward with the LoRA collection ->
+weighted MSE -> grads w.r.t. the LoRA only -> clip -> AdamW -> error curation -> bank inserts. A non-finite loss or
+gradient skips the update (counted); ``train.max_nonfinite`` in a row stops the run.
+
+Checkpoints (orbax ``CheckpointManager``, async, keep-N, every ``train.ckpt_every`` steps and at exit) hold everything
+that changes (LoRA, optimizer state, banks, RNG, step) and the data iterator's position; re-running the same command
+resumes exactly. Metrics go to ``metrics.jsonl`` and TensorBoard; the LoRA is exported as SVI-format safetensors.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from svi_jax import erft, flow
+from svi_jax import lora as lora_lib
+from svi_jax.models.dit import DiTConfig, WanDiT, init_params
+from svi_jax.models.layers import dtype_of
+
+log = logging.getLogger("svi_jax.train")
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the field."""
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+def validate_config(config) -> None:
+    def need(cond, field, msg):
+        if not cond:
+            raise ConfigError(f"config.{field}: {msg}")
+
+    need(config.train.num_steps >= 0, "train.num_steps", f"must be >= 0, got {config.train.num_steps}")
+    need(config.train.ckpt_every >= 1, "train.ckpt_every", f"must be >= 1, got {config.train.ckpt_every}")
+    need(config.train.keep >= 1, "train.keep", f"must be >= 1, got {config.train.keep}")
+    need(config.lora.rank >= 1, "lora.rank", f"must be >= 1, got {config.lora.rank}")
+    need(config.optim.lr > 0, "optim.lr", f"must be > 0, got {config.optim.lr}")
+    need(config.optim.grad_clip > 0, "optim.grad_clip", f"must be > 0, got {config.optim.grad_clip}")
+    for p in ("p_noise", "p_latent", "p_image", "p_clean", "p_insert_clean"):
+        v = config.erft[p]
+        need(0.0 <= v <= 1.0, f"erft.{p}", f"is a probability, got {v}")
+    need(config.erft.capacity >= 1, "erft.capacity", f"must be >= 1, got {config.erft.capacity}")
+    need(config.erft.num_grids >= 1, "erft.num_grids", f"must be >= 1, got {config.erft.num_grids}")
+    need(config.erft.bank_dtype in ("bfloat16", "float32", "int8"), "erft.bank_dtype",
+         f"must be bfloat16, float32 or int8, got {config.erft.bank_dtype!r}")
+    try:
+        DiTConfig.from_dict(config.model.to_dict())
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"config.model: {e}") from None
+
+
+def latent_shape(config) -> tuple[int, int, int, int]:
+    """Per-example latent shape ``(F, H/8, W/8, z_dim)`` of the training clips."""
+    d = config.data
+    if (d.num_frames - 1) % 4:
+        raise ConfigError(f"config.data.num_frames must be 1 + 4k (the VAE packs 4 frames), got {d.num_frames}")
+    if d.height % 16 or d.width % 16:
+        raise ConfigError(f"config.data.height/width must be multiples of 16, got {d.height}x{d.width}")
+    return (1 + (d.num_frames - 1) // 4, d.height // 8, d.width // 8, config.model.out_dim)
+
+
+# ------------------------------------------------------------------------------------------------ the step
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+    o = config.optim
+    return optax.chain(optax.clip_by_global_norm(o.grad_clip),
+                       optax.adamw(o.lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
+
+
+def _tree_where(c, a, b):
+    return jax.tree.map(lambda x, y: jnp.where(c, x, y), a, b)
+
+
+def make_train_step(config, prepare: Callable[[Any, dict, jax.Array], dict]):
+    """The pure train step ``(state, batch) -> (state, metrics)``.
+
+    ``prepare(params, batch, key)`` turns a batch into model inputs ``{x0, y, context, clip_fea}`` (frozen, no
+    gradient): the VAE/UMT5/CLIP encoders for pixel batches, or the identity for cached latents.
+    """
+    dit_cfg = dataclasses.replace(DiTConfig.from_dict(config.model.to_dict()),
+                                  lora_scale=config.lora.alpha / config.lora.rank)
+    module = WanDiT(dit_cfg)
+    tx = make_optimizer(config)
+    shift = float(config.erft.shift)
+    sig_tab = jnp.asarray(flow.sigmas(flow.NUM_TRAIN_TIMESTEPS, shift))
+    t_tab = jnp.asarray(flow.timesteps(flow.NUM_TRAIN_TIMESTEPS, shift))
+    w_tab = jnp.asarray(flow.training_weights(shift))
+    use_erft = bool(config.erft.enabled)
+    grid_n, cap = int(config.erft.num_grids), int(config.erft.capacity)
+
+    def step(state, batch):
+        rng, k_t, k_eps, k_inj, k_cur, k_prep = jax.random.split(state["rng"], 6)
+        inputs = jax.lax.stop_gradient(prepare(state["params"], batch, k_prep))
+        x0, y, ctx, clip = inputs["x0"], inputs.get("y"), inputs["context"], inputs.get("clip_fea")
+        b = x0.shape[0]
+        tid = jax.random.randint(k_t, (b,), 0, flow.NUM_TRAIN_TIMESTEPS)
+        sigma, t, w = sig_tab[tid], t_tab[tid], w_tab[tid]
+        eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
+        if use_erft:
+            x_t, target, y_in, info = erft.inject(k_inj, state["banks"], x0, y, eps, t, sigma, config.erft)
+        else:
+            x_t, target, y_in = flow.add_noise(x0, eps, sigma), flow.velocity_target(x0, eps), y
+            info = {}
+        cdt = dtype_of(dit_cfg.dtype)
+
+        def loss_fn(lora):
+            v = module.apply({"params": state["params"]["dit"], "lora": lora}, x_t.astype(cdt), t,
+                             ctx.astype(cdt), clip_fea=None if clip is None else clip.astype(cdt),
+                             y=None if y_in is None else y_in.astype(cdt))
+            per_example = jnp.mean(jnp.square(v - target.astype(jnp.float32)), axis=tuple(range(1, v.ndim)))
+            return jnp.mean(per_example * w), v
+
+        (loss, v_pred), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["lora"])
+        gnorm = optax.global_norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+        updates, opt_new = tx.update(grads, state["opt"], state["lora"])
+        lora_new = optax.apply_updates(state["lora"], updates)
+        new = dict(state)
+        new["lora"] = _tree_where(ok, lora_new, state["lora"])
+        new["opt"] = _tree_where(ok, opt_new, state["opt"])
+        if use_erft:
+            curated = erft.curate(k_cur, state["banks"], t, sigma, v_pred, target, info, state["step"], config.erft)
+            new["banks"] = _tree_where(ok, curated, state["banks"])
+        new["rng"] = rng
+        new["step"] = state["step"] + 1
+        new["nonfinite_run"] = jnp.where(ok, 0, state["nonfinite_run"] + 1)
+        new["nonfinite_total"] = state["nonfinite_total"] + (~ok).astype(jnp.int32)
+        metrics = {"loss": loss, "grad_norm": gnorm, "skipped": (~ok).astype(jnp.float32),
+                   "t_mean": jnp.mean(t)}
+        if use_erft:
+            for name in ("noise", "latent"):
+                metrics[f"bank_fill_{name}"] = jnp.sum(new["banks"][name].count) / (grid_n * cap)
+            for k in ("clean", "noise_injected", "latent_injected", "image_injected"):
+                if k in info:
+                    metrics[f"rate_{k}"] = jnp.mean(jnp.asarray(info[k], jnp.float32))
+        return new, metrics
+
+    return step, module, tx
+
+
+# ------------------------------------------------------------------------------------------------ setup
+
+
+def init_state(config, params, key) -> dict:
+    """Fresh train state around frozen ``params`` ({'dit': ..., encoders ...})."""
+    k_lora, k_rng = jax.random.split(key)
+    lora = lora_lib.init_lora(params["dit"], k_lora, config.lora.rank, config.lora.targets,
+                              dtype_of(config.lora.dtype))
+    state = {"params": params, "lora": lora, "opt": make_optimizer(config).init(lora), "rng": k_rng,
+             "step": jnp.zeros((), jnp.int32), "nonfinite_run": jnp.zeros((), jnp.int32),
+             "nonfinite_total": jnp.zeros((), jnp.int32)}
+    if config.erft.enabled:
+        bank_dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "int8": jnp.int8}[config.erft.bank_dtype]
+        state["banks"] = erft.init_banks(latent_shape(config), config.erft.num_grids, config.erft.capacity,
+                                         bank_dtype)
+    return state
+
+
+def saved_part(state: dict) -> dict:
+    """What a checkpoint stores: everything that changes (the frozen params are not saved)."""
+    return {k: v for k, v in state.items() if k != "params"}
+
+
+def load_frozen_params(config, key) -> dict:
+    """The frozen DiT (converted checkpoint at ``config.checkpoints.dit``, or a seeded random init)."""
+    cfg = DiTConfig.from_dict(config.model.to_dict())
+    path = config.checkpoints.get("dit", "")
+    if path:
+        from svi_jax.models.dit import DiT
+
+        dit = DiT.from_dir(path)
+        for f in ("dim", "num_layers", "num_heads", "ffn_dim", "in_dim", "out_dim", "text_dim", "model_type"):
+            if getattr(dit.config, f) != getattr(cfg, f):
+                raise ConfigError(f"config.model.{f} = {getattr(cfg, f)!r} but the DiT checkpoint {path} has "
+                                  f"{getattr(dit.config, f)!r}")
+        p = dit.params
+    else:
+        p = init_params(cfg, jax.random.fold_in(key, 1))
+    return jax.tree.map(lambda a: jnp.asarray(a, dtype_of(cfg.param_dtype)), p)
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+
+class Trainer:
+    """Builds everything from a config, then ``run()``s the loop with checkpoints, metrics and export."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, data=None, conditioner=None):
+        validate_config(config)
+        self.config = config
+        self.workdir = os.path.abspath(workdir)
+        os.makedirs(self.workdir, exist_ok=True)
+        key = jax.random.key(config.train.seed)
+        if conditioner is None:
+            from svi_jax.pipeline import make_conditioner
+
+            conditioner = make_conditioner(config, self.workdir)
+        self.conditioner = conditioner
+        if data is None:
+            from svi_jax.pipeline import make_data
+
+            data = make_data(config, self.workdir)
+        self.data = data
+        params = {"dit": load_frozen_params(config, key), **conditioner.params}
+        self.state = init_state(config, params, jax.random.fold_in(key, 2))
+        step_fn, self.module, self.tx = make_train_step(config, conditioner.prepare)
+        self.step_fn = jax.jit(step_fn, donate_argnums=(0,))
+        self.ckpt = self._manager()
+
+    # ---------------------------------------------------------------- checkpoints
+    def _manager(self):
+        import orbax.checkpoint as ocp
+
+        c = self.config.train
+        opts = ocp.CheckpointManagerOptions(max_to_keep=c.keep, enable_async_checkpointing=c.async_checkpoints,
+                                            create=True)
+        return ocp.CheckpointManager(os.path.join(self.workdir, "checkpoints"), options=opts,
+                                     item_names=("state", "data"))
+
+    def save(self, force: bool = False):
+        import orbax.checkpoint as ocp
+
+        step = int(self.state["step"])
+        if step in (self.ckpt.all_steps() or []):
+            return
+        self.ckpt.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(saved_part(self.state)),
+            data=ocp.args.JsonSave(self.data.get_state())), force=force)
+
+    def restore(self) -> bool:
+        import orbax.checkpoint as ocp
+
+        latest = self.ckpt.latest_step()
+        if latest is None:
+            return False
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), saved_part(self.state))
+        restored = self.ckpt.restore(latest, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+        self.state = {"params": self.state["params"], **restored["state"]}
+        self.data.set_state(restored["data"])
+        log.info("resumed from step %d (%s)", latest, os.path.join(self.workdir, "checkpoints"))
+        return True
+
+    # ---------------------------------------------------------------- metrics
+    def _open_metrics(self, start_step: int):
+        """metrics.jsonl keeps exactly the rows of steps <= the restored step (a resumed run rewrites the rest)."""
+        path = os.path.join(self.workdir, METRICS_FILE)
+        rows = []
+        if os.path.exists(path):
+            with open(path) as f:
+                for line in f:
+                    try:
+                        r = json.loads(line)
+                    except json.JSONDecodeError:
+                        break  # a torn last line from a killed run
+                    if r.get("step", 0) <= start_step:
+                        rows.append(line if line.endswith("\n") else line + "\n")
+        with open(path + ".tmp", "w") as f:
+            f.writelines(rows)
+        os.replace(path + ".tmp", path)
+        self.metrics_file = open(path, "a")
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(self.workdir, "tb"), purge_step=start_step + 1)
+        except ImportError:  # pragma: no cover
+            self.tb = None
+
+    def _log(self, row: dict):
+        self.metrics_file.write(json.dumps(row) + "\n")
+        self.metrics_file.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, row["step"])
+
+    # ---------------------------------------------------------------- loop
+    def compile(self):
+        """Compile the step before the loop; log its memory and FLOPs."""
+        batch = self.data.peek() if hasattr(self.data, "peek") else None
+        t0 = time.time()
+        if batch is not None:
+            lowered = self.step_fn.lower(self.state, self.conditioner.device_batch(batch))
+            compiled = lowered.compile()
+            self._compiled_info = {"compile_s": round(time.time() - t0, 2)}
+            try:
+                mem = compiled.memory_analysis()
+                if mem is not None:
+                    self._compiled_info["temp_mb"] = round(mem.temp_size_in_bytes / 2**20, 1)
+                    self._compiled_info["args_mb"] = round(mem.argument_size_in_bytes / 2**20, 1)
+            except Exception:  # pragma: no cover - backend dependent
+                pass
+            log.info("compiled train step: %s", self._compiled_info)
+
+    def run(self, num_steps: int | None = None, progress: bool = True) -> dict:
+        c = self.config.train
+        total = c.num_steps if num_steps is None else num_steps
+        self.restore()
+        start = int(self.state["step"])
+        self._open_metrics(start)
+        stop = {"flag": False}
+
+        def on_term(signum, frame):  # SIGTERM/SIGINT: finish the step, save, exit
+            stop["flag"] = True
+
+        old = {s: signal.signal(s, on_term) for s in (signal.SIGTERM, signal.SIGINT)} \
+            if _in_main_thread() else {}
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True, disable=not progress)
+        last = time.time()
+        summary = {"start_step": start}
+        try:
+            while int(self.state["step"]) < total and not stop["flag"]:
+                batch = self.conditioner.device_batch(next(self.data))
+                self.state, metrics = self.step_fn(self.state, batch)
+                step = int(self.state["step"])
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                now = time.time()
+                m.update(step=step, lr=float(self.config.optim.lr), steps_per_s=1.0 / max(now - last, 1e-9))
+                last = now
+                self._log(m)
+                bar.update(1)
+                post = {"loss": f"{m['loss']:.4f}", "it/s": f"{m['steps_per_s']:.2f}"}
+                if "bank_fill_latent" in m:
+                    post["bank"] = f"{100 * m['bank_fill_latent']:.1f}%"
+                bar.set_postfix(post)
+                if int(self.state["nonfinite_run"]) >= c.max_nonfinite:
+                    raise FloatingPointError(
+                        f"{int(self.state['nonfinite_run'])} non-finite steps in a row (loss or gradient was NaN/inf) "
+                        f"at step {step}; the last good state is in the latest checkpoint. Lower optim.lr or check "
+                        f"the data.")
+                if step % c.ckpt_every == 0:
+                    self.save()
+            self.save(force=True)
+        finally:
+            bar.close()
+            self.ckpt.wait_until_finished()
+            self.metrics_file.close()
+            if self.tb is not None:
+                self.tb.close()
+            for s, h in old.items():
+                signal.signal(s, h)
+        summary.update(end_step=int(self.state["step"]), nonfinite_total=int(self.state["nonfinite_total"]))
+        if c.export_lora and int(self.state["step"]) >= total:
+            summary["lora_file"] = self.export_lora()
+        return summary
+
+    def export_lora(self, path: str | None = None) -> str:
+        path = path or os.path.join(self.workdir, "lora.safetensors")
+        lora_lib.save(jax.device_get(self.state["lora"]), path, prefix=self.config.lora.export_prefix)
+        return path
+
+    def close(self):
+        self.ckpt.close()
+        if hasattr(self.data, "close"):
+            self.data.close()
+
+
+def quiet_logs():
+    """Our INFO logs on stderr; absl/orbax/tfds chatter only from WARNING up."""
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger().setLevel(logging.WARNING)
+    ours = logging.getLogger("svi_jax")
+    ours.setLevel(logging.INFO)
+    if not ours.handlers:
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+        ours.addHandler(h)
+        ours.propagate = False
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def main(argv):
+    from absl import flags
+
+    FLAGS = flags.FLAGS
+    if len(argv) > 1:
+        raise SystemExit(f"unexpected arguments: {argv[1:]}")
+    quiet_logs()
+    config = FLAGS.config
+    workdir = FLAGS.workdir or os.path.join("runs", config.get("name", "run"))
+    try:
+        trainer = Trainer(config, workdir)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    with open(os.path.join(trainer.workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    trainer.compile()
+    summary = trainer.run()
+    trainer.close()
+    print(json.dumps(summary))
+    return 0
+
+
+def _define_flags():
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file(
+        "config", None, "Training config file, e.g. configs/tiny.py (the embedded CPU default), configs/shot.py, "
+        "configs/film.py. Override any field with --config.a.b=value (e.g. --config.train.num_steps=10).",
+        lock_config=True)
+    flags.DEFINE_string("workdir", None, "Run directory: checkpoints/, metrics.jsonl, tb/, lora.safetensors. "
+                        "Re-running with the same workdir resumes from its latest checkpoint.")
+    flags.mark_flags_as_required(["config"])
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(lambda argv: sys.exit(main(argv)))

@@ -1,0 +1,166 @@
+"""The trainer on the tiny config: steps, LoRA-only updates, banks through checkpoints, exact resume after SIGKILL."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import tiny
+from svi_jax import train as train_lib
+from svi_jax.checkpoint import flatten
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """A built synthetic dataset shared by every test here (the tiny default builds its own the same way)."""
+    from svi_jax.data import builder, synthetic
+
+    d = tmp_path_factory.mktemp("data")
+    synthetic.write_dataset(str(d / "videos"), num_videos=6, num_frames=17, height=48, width=80, seed=3)
+    builder.build_dataset(str(d / "videos"), str(d / "dataset"), progress=False)
+    return str(d / "dataset")
+
+
+def _config(dataset, **train):
+    c = tiny.get_config()
+    c.data.dataset = dataset
+    c.train.update(train)
+    c.train.async_checkpoints = False
+    return c
+
+
+def test_steps_update_lora_only_and_fill_banks(dataset, tmp_path):
+    c = _config(dataset, num_steps=4, ckpt_every=2)
+    t = train_lib.Trainer(c, str(tmp_path / "run"))
+    base_before = jax.tree.map(np.array, t.state["params"])
+    lora_before = jax.tree.map(np.array, t.state["lora"])
+    summary = t.run(progress=False)
+    t.close()
+    assert summary["end_step"] == 4 and os.path.isfile(summary["lora_file"])
+    # the frozen params are untouched bit for bit, the LoRA moved
+    for k, v in flatten(base_before).items():
+        np.testing.assert_array_equal(np.asarray(flatten(t.state["params"])[k]), v)
+    moved = [not np.array_equal(np.asarray(flatten(t.state["lora"])[k]), v) for k, v in flatten(lora_before).items()]
+    assert any(moved)
+    assert int(jnp.sum(t.state["banks"]["noise"].count)) > 0 and int(jnp.sum(t.state["banks"]["latent"].count)) > 0
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for key in ("loss", "grad_norm", "lr", "bank_fill_noise", "bank_fill_latent", "rate_latent_injected",
+                "steps_per_s"):
+        assert key in rows[-1]
+    assert all(np.isfinite(r["loss"]) for r in rows) and rows[-1]["grad_norm"] > 0
+    assert os.listdir(tmp_path / "run" / "tb")
+
+
+def test_banks_survive_save_restore(dataset, tmp_path):
+    c = _config(dataset, num_steps=3, ckpt_every=3)
+    t = train_lib.Trainer(c, str(tmp_path / "run"))
+    t.run(progress=False)
+    banks = jax.tree.map(np.array, t.state["banks"])
+    t.close()
+    t2 = train_lib.Trainer(c, str(tmp_path / "run"))
+    assert int(jnp.sum(t2.state["banks"]["latent"].count)) == 0      # fresh before restore
+    assert t2.restore()
+    for a, b in zip(jax.tree.leaves(banks), jax.tree.leaves(t2.state["banks"])):
+        np.testing.assert_array_equal(np.asarray(b), a)
+    assert int(t2.state["step"]) == 3
+    t2.close()
+
+
+def test_loss_decreases_on_a_fixed_batch(dataset, tmp_path):
+    c = _config(dataset, num_steps=1)
+    c.erft.enabled = False
+    c.optim.lr = 3e-3
+    t = train_lib.Trainer(c, str(tmp_path / "run"))
+    batch = t.conditioner.device_batch(next(t.data))
+    key_data = np.asarray(jax.random.key_data(t.state["rng"]))
+    losses = []
+    state = t.state
+    for _ in range(25):
+        # same timestep and noise every step (a fresh buffer each time: the step donates its state)
+        state = dict(state, rng=jax.random.wrap_key_data(jnp.asarray(key_data)))
+        state, m = t.step_fn(state, batch)
+        losses.append(float(m["loss"]))
+    t.close()
+    print("fixed-batch losses", [round(v, 4) for v in losses[::6]])
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_nonfinite_updates_are_skipped_and_stop_the_run(dataset, tmp_path):
+    c = _config(dataset, num_steps=10, max_nonfinite=3)
+    t = train_lib.Trainer(c, str(tmp_path / "run"))
+    # poison the frozen DiT: every loss is NaN
+    t.state["params"]["dit"]["head"]["head"]["kernel"] = t.state["params"]["dit"]["head"]["head"]["kernel"] * np.nan
+    lora_before = jax.tree.map(np.array, t.state["lora"])
+    with pytest.raises(FloatingPointError, match="3 non-finite steps in a row"):
+        t.run(progress=False)
+    for k, v in flatten(lora_before).items():
+        np.testing.assert_array_equal(np.asarray(flatten(t.state["lora"])[k]), v)
+    assert int(t.state["nonfinite_total"]) == 3
+    t.close()
+
+
+def test_bad_config_value_is_rejected(dataset):
+    c = _config(dataset)
+    c.erft.p_clean = 1.5
+    with pytest.raises(train_lib.ConfigError, match=r"config\.erft\.p_clean: is a probability, got 1\.5"):
+        train_lib.validate_config(c)
+    c = _config(dataset)
+    c.data.num_frames = 18
+    with pytest.raises(train_lib.ConfigError, match=r"num_frames must be 1 \+ 4k"):
+        train_lib.latent_shape(c)
+
+
+def _cli(workdir, dataset, *extra):
+    return [sys.executable, "-m", "svi_jax.train", "--config", os.path.join(ROOT, "configs", "tiny.py"),
+            "--workdir", workdir, f"--config.data.dataset={dataset}", "--config.train.num_steps=10",
+            "--config.train.ckpt_every=2", *extra]
+
+
+def _losses(workdir):
+    return [(r["step"], r["loss"]) for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl")))]
+
+
+def test_cli_sigkill_and_resume_is_exact(dataset, tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    ref_dir, run_dir = str(tmp_path / "ref"), str(tmp_path / "killed")
+    r = subprocess.run(_cli(ref_dir, dataset), env=env, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref = _losses(ref_dir)
+    assert [s for s, _ in ref] == list(range(1, 11))
+    # kill -9 somewhere after a few steps (possibly during an async save), then re-run the same command
+    p = subprocess.Popen(_cli(run_dir, dataset), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         cwd=ROOT)
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+        if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 5:
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    r = subprocess.run(_cli(run_dir, dataset), env=env, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from step" in r.stderr
+    assert _losses(run_dir) == ref
+    assert os.path.isfile(os.path.join(run_dir, "lora.safetensors"))
+
+
+def test_cli_rejects_bad_override(dataset, tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    r = subprocess.run(_cli(str(tmp_path / "x"), dataset, "--config.optim.lr=-1"), env=env, capture_output=True,
+                       text=True, cwd=ROOT)
+    assert r.returncode == 2 and "config.optim.lr: must be > 0" in r.stderr
+    r = subprocess.run(_cli(str(tmp_path / "x"), dataset, "--config.optim.lrr=1"), env=env, capture_output=True,
+                       text=True, cwd=ROOT)
+    assert r.returncode != 0 and "lrr" in r.stderr
