@@ -56,35 +56,109 @@ def vae_encode_fn(cfg):
     std = jnp.asarray(cfg.latents_std, jnp.float32)
 
     def encode(params, video):
-        z0, cache = _apply(params, video[:, :1], None, cfg, True, WanVAE.encode_chunk)
-        rest = video[:, 1:]
-        if rest.shape[1] == 0:
-            z = z0
-        else:
-            chunks = einops.rearrange(rest, "b (n k) h w c -> n b k h w c", k=4)
-
-            def body(c, x):
-                z, c = _apply(params, x, c, cfg, False, WanVAE.encode_chunk)
-                return c, z
-
-            _, zs = jax.lax.scan(body, cache, chunks)
-            z = jnp.concatenate([z0, einops.rearrange(zs, "n b k h w c -> b (n k) h w c")], axis=1)
+        z = _scan_chunks(lambda x, c, first: _apply(params, x, c, cfg, first, WanVAE.encode_chunk), video, 4)
         return (z.astype(jnp.float32) - mean) / std
 
     return encode
 
 
+def vae_decode_fn(cfg):
+    """Pure ``(params, normalised latents [B, 1+k, h, w, z]) -> video [B, 1+4k, 8h, 8w, 3]`` in [-1, 1]."""
+    from svi_jax.models.vae import WanVAE, _apply
+
+    mean = jnp.asarray(cfg.latents_mean, jnp.float32)
+    std = jnp.asarray(cfg.latents_std, jnp.float32)
+
+    def decode(params, z):
+        z = z.astype(jnp.float32) * std + mean
+        x = _scan_chunks(lambda zz, c, first: _apply(params, zz, c, cfg, first, WanVAE.decode_chunk), z, 1)
+        return jnp.clip(x, -1.0, 1.0)
+
+    return decode
+
+
+def _scan_chunks(fn, x, per_step: int):
+    """``fn(first slice)`` then ``lax.scan`` of ``fn`` over the rest of time in ``per_step`` slices, cache carried."""
+    y0, cache = fn(x[:, :1], None, True)
+    rest = x[:, 1:]
+    if rest.shape[1] == 0:
+        return y0
+    chunks = einops.rearrange(rest, "b (n k) h w c -> n b k h w c", k=per_step)
+
+    def body(c, xs):
+        y, c = fn(xs, c, False)
+        return c, y
+
+    _, ys = jax.lax.scan(body, cache, chunks)
+    return jnp.concatenate([y0, einops.rearrange(ys, "n b k h w c -> b (n k) h w c")], axis=1)
+
+
+class Codec:
+    """Pixels <-> normalised latents as pure functions: ``encode(params, video)``, ``decode(params, z)``.
+
+    ``kind`` 'wan' (the Wan2.1 VAE, from a checkpoint or a seeded random init) or 'patch' (the fixed invertible
+    transform of :mod:`svi_jax.models.patch_vae`, for small experiments).
+    """
+
+    def __init__(self, kind, cfg, params, encode, decode, z_dim):
+        self.kind, self.cfg, self.params, self.encode, self.decode, self.z_dim = kind, cfg, params, encode, decode, z_dim
+
+    @classmethod
+    def from_config(cls, config) -> "Codec":
+        from svi_jax.models import patch_vae
+        from svi_jax.models import vae as vae_mod
+
+        spec = config.encoders.vae.to_dict()
+        if spec.get("kind", "wan") == "patch":
+            pc = patch_vae.PatchVAEConfig.from_dict(spec)
+            return cls("patch", pc, {}, lambda p, v: patch_vae.encode(pc, v) / pc.scale,
+                       lambda p, z: jnp.clip(patch_vae.decode(pc, z * pc.scale), -1.0, 1.0), pc.z_dim)
+        if config.checkpoints.vae:
+            v = vae_mod.VAE.from_dir(config.checkpoints.vae)
+            cfg, params = v.config, v.params
+        else:
+            cfg = vae_mod.VAEConfig.from_dict({k: v for k, v in spec.items() if k != "kind"})
+            params = vae_mod.init_params(cfg, int(config.train.seed) + 11)
+        return cls("wan", cfg, params, vae_encode_fn(cfg), vae_decode_fn(cfg), cfg.z_dim)
+
+
+def make_text_encoder(config):
+    """``(t5_config, t5_params, tokenizer)`` from ``config.checkpoints.t5`` or a seeded random tiny UMT5."""
+    from svi_jax.models import t5 as t5_mod
+
+    ck = config.checkpoints
+    if ck.t5:
+        t5 = t5_mod.T5Encoder.from_dir(ck.t5, tokenizer_dir=ck.tokenizer or None)
+        return t5.config, t5.params, t5.tokenizer
+    t5_cfg = t5_mod.T5Config.from_dict(config.encoders.t5.to_dict())
+    if t5_cfg.vocab_size < ByteTokenizer.vocab_size:
+        raise ValueError(f"config.encoders.t5.vocab_size must be >= {ByteTokenizer.vocab_size} for the byte "
+                         f"tokenizer of the random tiny text encoder")
+    return t5_cfg, t5_mod.T5Encoder.init(t5_cfg, int(config.train.seed) + 12).params, ByteTokenizer(t5_cfg.text_len)
+
+
+def make_image_encoder(config):
+    """``(clip_config, clip_params)`` from ``config.checkpoints.clip`` or a seeded random tiny CLIP."""
+    from svi_jax.models import clip as clip_mod
+
+    if config.checkpoints.clip:
+        c = clip_mod.CLIPVision.from_dir(config.checkpoints.clip)
+        return c.config, c.params
+    cfg = clip_mod.CLIPConfig.from_dict(config.encoders.clip.to_dict())
+    return cfg, clip_mod.CLIPVision.init(cfg, int(config.train.seed) + 13).params
+
+
 class PixelConditioner:
     """Encodes pixel batches (video, cond, first_frame, caption) with the frozen VAE, UMT5 and CLIP."""
 
-    def __init__(self, config, vae_cfg, vae_params, t5_cfg, t5_params, tokenizer, clip_cfg=None, clip_params=None):
+    def __init__(self, config, codec: Codec, t5_cfg, t5_params, tokenizer, clip_cfg=None, clip_params=None):
         self.config = config
-        self.vae_cfg, self.t5_cfg, self.clip_cfg = vae_cfg, t5_cfg, clip_cfg
+        self.codec, self.t5_cfg, self.clip_cfg = codec, t5_cfg, clip_cfg
         self.tokenizer = tokenizer
-        self.params = {"vae": vae_params, "t5": t5_params}
+        self.params = {"vae": codec.params, "t5": t5_params}
         if clip_params is not None:
             self.params["clip"] = clip_params
-        self._vae = vae_encode_fn(vae_cfg)
+        self._vae = codec.encode
         self.i2v = config.model.model_type == "i2v"
         self.num_frames = int(config.data.num_frames)
 
@@ -141,43 +215,18 @@ def make_conditioner(config, workdir: str | None = None):
     """Encoders from ``config.checkpoints`` or a seeded random init of ``config.encoders`` (tiny configs)."""
     if config.data.get("cache", ""):
         return LatentConditioner(config)
-    from svi_jax.models import clip as clip_mod
-    from svi_jax.models import t5 as t5_mod
-    from svi_jax.models import vae as vae_mod
-
-    seed = int(config.train.seed)
-    ck = config.checkpoints
-    if ck.vae:
-        vae = vae_mod.VAE.from_dir(ck.vae)
-        vae_cfg, vae_params = vae.config, vae.params
-    else:
-        vae_cfg = vae_mod.VAEConfig.from_dict(config.encoders.vae.to_dict())
-        vae_params = vae_mod.init_params(vae_cfg, seed + 11)
-    if ck.t5:
-        t5 = t5_mod.T5Encoder.from_dir(ck.t5, tokenizer_dir=ck.tokenizer or None)
-        t5_cfg, t5_params, tok = t5.config, t5.params, t5.tokenizer
-    else:
-        t5_cfg = t5_mod.T5Config.from_dict(config.encoders.t5.to_dict())
-        t5_params = t5_mod.T5Encoder.init(t5_cfg, seed + 12).params
-        tok = ByteTokenizer(t5_cfg.text_len)
-        if t5_cfg.vocab_size < ByteTokenizer.vocab_size:
-            raise ValueError(f"config.encoders.t5.vocab_size must be >= {ByteTokenizer.vocab_size} for the byte "
-                             f"tokenizer of the random tiny text encoder")
+    codec = Codec.from_config(config)
+    t5_cfg, t5_params, tok = make_text_encoder(config)
     clip_cfg = clip_params = None
     if config.model.model_type == "i2v":
-        if ck.clip:
-            c = clip_mod.CLIPVision.from_dir(ck.clip)
-            clip_cfg, clip_params = c.config, c.params
-        else:
-            clip_cfg = clip_mod.CLIPConfig.from_dict(config.encoders.clip.to_dict())
-            clip_params = clip_mod.CLIPVision.init(clip_cfg, seed + 13).params
+        clip_cfg, clip_params = make_image_encoder(config)
         if clip_cfg.dim != config.model.image_dim:
             raise ValueError(f"CLIP width {clip_cfg.dim} != config.model.image_dim {config.model.image_dim}")
     if t5_cfg.dim != config.model.text_dim:
         raise ValueError(f"text encoder width {t5_cfg.dim} != config.model.text_dim {config.model.text_dim}")
-    if vae_cfg.z_dim != config.model.out_dim:
-        raise ValueError(f"VAE z_dim {vae_cfg.z_dim} != config.model.out_dim {config.model.out_dim}")
-    return PixelConditioner(config, vae_cfg, vae_params, t5_cfg, t5_params, tok, clip_cfg, clip_params)
+    if codec.z_dim != config.model.out_dim:
+        raise ValueError(f"VAE z_dim {codec.z_dim} != config.model.out_dim {config.model.out_dim}")
+    return PixelConditioner(config, codec, t5_cfg, t5_params, tok, clip_cfg, clip_params)
 
 
 # ------------------------------------------------------------------------------------------------ data

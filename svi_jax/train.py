@@ -91,6 +91,18 @@ def make_optimizer(config) -> optax.GradientTransformation:
                        optax.adamw(o.lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
 
 
+def is_full(config) -> bool:
+    """``train.trainable``: 'lora' (SVI: the LoRA only) or 'full' (every DiT parameter, e.g. to pre-train a base)."""
+    mode = config.train.get("trainable", "lora")
+    if mode not in ("lora", "full"):
+        raise ConfigError(f"config.train.trainable must be 'lora' or 'full', got {mode!r}")
+    return mode == "full"
+
+
+def trainable_of(state: dict, full: bool) -> dict:
+    return {"dit": state["params"]["dit"]} if full else {"lora": state["lora"]}
+
+
 def _tree_where(c, a, b):
     return jax.tree.map(lambda x, y: jnp.where(c, x, y), a, b)
 
@@ -110,6 +122,7 @@ def make_train_step(config, prepare: Callable[[Any, dict, jax.Array], dict]):
     t_tab = jnp.asarray(flow.timesteps(flow.NUM_TRAIN_TIMESTEPS, shift))
     w_tab = jnp.asarray(flow.training_weights(shift))
     use_erft = bool(config.erft.enabled)
+    full = is_full(config)
     grid_n, cap = int(config.erft.num_grids), int(config.erft.capacity)
 
     def step(state, batch):
@@ -127,20 +140,27 @@ def make_train_step(config, prepare: Callable[[Any, dict, jax.Array], dict]):
             info = {}
         cdt = dtype_of(dit_cfg.dtype)
 
-        def loss_fn(lora):
-            v = module.apply({"params": state["params"]["dit"], "lora": lora}, x_t.astype(cdt), t,
-                             ctx.astype(cdt), clip_fea=None if clip is None else clip.astype(cdt),
+        def loss_fn(trainable):
+            variables = {"params": trainable["dit"] if full else state["params"]["dit"]}
+            if not full:
+                variables["lora"] = trainable["lora"]
+            v = module.apply(variables, x_t.astype(cdt), t, ctx.astype(cdt),
+                             clip_fea=None if clip is None else clip.astype(cdt),
                              y=None if y_in is None else y_in.astype(cdt))
             per_example = jnp.mean(jnp.square(v - target.astype(jnp.float32)), axis=tuple(range(1, v.ndim)))
             return jnp.mean(per_example * w), v
 
-        (loss, v_pred), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["lora"])
+        trainable = trainable_of(state, full)
+        (loss, v_pred), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
         gnorm = optax.global_norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
-        updates, opt_new = tx.update(grads, state["opt"], state["lora"])
-        lora_new = optax.apply_updates(state["lora"], updates)
+        updates, opt_new = tx.update(grads, state["opt"], trainable)
+        trained = _tree_where(ok, optax.apply_updates(trainable, updates), trainable)
         new = dict(state)
-        new["lora"] = _tree_where(ok, lora_new, state["lora"])
+        if full:
+            new["params"] = dict(state["params"], dit=trained["dit"])
+        else:
+            new["lora"] = trained["lora"]
         new["opt"] = _tree_where(ok, opt_new, state["opt"])
         if use_erft:
             curated = erft.curate(k_cur, state["banks"], t, sigma, v_pred, target, info, state["step"], config.erft)
@@ -168,11 +188,13 @@ def make_train_step(config, prepare: Callable[[Any, dict, jax.Array], dict]):
 def init_state(config, params, key) -> dict:
     """Fresh train state around frozen ``params`` ({'dit': ..., encoders ...})."""
     k_lora, k_rng = jax.random.split(key)
-    lora = lora_lib.init_lora(params["dit"], k_lora, config.lora.rank, config.lora.targets,
-                              dtype_of(config.lora.dtype))
-    state = {"params": params, "lora": lora, "opt": make_optimizer(config).init(lora), "rng": k_rng,
-             "step": jnp.zeros((), jnp.int32), "nonfinite_run": jnp.zeros((), jnp.int32),
-             "nonfinite_total": jnp.zeros((), jnp.int32)}
+    state = {"params": params, "rng": k_rng, "step": jnp.zeros((), jnp.int32),
+             "nonfinite_run": jnp.zeros((), jnp.int32), "nonfinite_total": jnp.zeros((), jnp.int32)}
+    full = is_full(config)
+    if not full:
+        state["lora"] = lora_lib.init_lora(params["dit"], k_lora, config.lora.rank, config.lora.targets,
+                                           dtype_of(config.lora.dtype))
+    state["opt"] = make_optimizer(config).init(trainable_of(state, full))
     if config.erft.enabled:
         bank_dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "int8": jnp.int8}[config.erft.bank_dtype]
         state["banks"] = erft.init_banks(latent_shape(config), config.erft.num_grids, config.erft.capacity,
@@ -181,8 +203,21 @@ def init_state(config, params, key) -> dict:
 
 
 def saved_part(state: dict) -> dict:
-    """What a checkpoint stores: everything that changes (the frozen params are not saved)."""
-    return {k: v for k, v in state.items() if k != "params"}
+    """What a checkpoint stores: everything that changes (frozen params are not saved; a full fine-tune saves the
+    DiT it trains)."""
+    out = {k: v for k, v in state.items() if k != "params"}
+    if "lora" not in state:
+        out["dit"] = state["params"]["dit"]
+    return out
+
+
+def with_saved(state: dict, saved: dict) -> dict:
+    """``state`` with a restored ``saved_part`` put back."""
+    saved = dict(saved)
+    params = state["params"]
+    if "dit" in saved:
+        params = dict(params, dit=saved.pop("dit"))
+    return {"params": params, **saved}
 
 
 def load_frozen_params(config, key) -> dict:
@@ -260,7 +295,7 @@ class Trainer:
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), saved_part(self.state))
         restored = self.ckpt.restore(latest, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
-        self.state = {"params": self.state["params"], **restored["state"]}
+        self.state = with_saved(self.state, restored["state"])
         self.data.set_state(restored["data"])
         log.info("resumed from step %d (%s)", latest, os.path.join(self.workdir, "checkpoints"))
         return True
@@ -367,13 +402,24 @@ class Trainer:
                 signal.signal(s, h)
         summary.update(end_step=int(self.state["step"]), nonfinite_total=int(self.state["nonfinite_total"]))
         if c.export_lora and int(self.state["step"]) >= total:
-            summary["lora_file"] = self.export_lora()
+            if "lora" in self.state:
+                summary["lora_file"] = self.export_lora()
+            else:
+                summary["dit_dir"] = self.export_dit()
         return summary
 
     def export_lora(self, path: str | None = None) -> str:
         path = path or os.path.join(self.workdir, "lora.safetensors")
         lora_lib.save(jax.device_get(self.state["lora"]), path, prefix=self.config.lora.export_prefix)
         return path
+
+    def export_dit(self, directory: str | None = None) -> str:
+        """A full fine-tune's DiT as a model directory (``svi_jax.load`` / ``config.checkpoints.dit``)."""
+        from svi_jax.models.dit import DiT
+
+        directory = directory or os.path.join(self.workdir, "dit")
+        DiT(DiTConfig.from_dict(self.config.model.to_dict()), jax.device_get(self.state["params"]["dit"])).save(directory)
+        return directory
 
     def close(self):
         self.ckpt.close()

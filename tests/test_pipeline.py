@@ -1,0 +1,53 @@
+"""Conditioning and the in-step encoders: mask layout, pure VAE encode/decode == the streaming VAE, patch codec."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from configs import tiny
+from svi_jax.conditioning import build_y, i2v_mask
+from svi_jax.pipeline import ByteTokenizer, Codec
+
+
+def test_i2v_mask_marks_only_the_first_frame():
+    m = i2v_mask(17, 3, 5)
+    assert m.shape == (5, 3, 5, 4)
+    assert (m[0] == 1).all() and (m[1:] == 0).all()
+    m5 = i2v_mask(17, 2, 2, num_marked=5)           # ref_pad_cfg style: 5 frames -> latent 0 and latent 1
+    assert (m5[0] == 1).all() and (m5[1] == 1).all() and (m5[2:] == 0).all()
+    y = build_y(jnp.ones((2, 5, 3, 5, 16)), 17)
+    assert y.shape == (2, 5, 3, 5, 20) and float(y[0, 1, 0, 0, 0]) == 0.0 and float(y[0, 1, 0, 0, 4]) == 1.0
+
+
+def test_wan_codec_matches_streaming_vae():
+    from svi_jax.models.vae import VAE
+
+    c = tiny.get_config()
+    codec = Codec.from_config(c)
+    video = jax.random.uniform(jax.random.key(0), (1, 9, 16, 24, 3), minval=-1, maxval=1)
+    z = jax.jit(codec.encode)(codec.params, video)
+    ref = VAE(codec.cfg, codec.params)
+    z_ref = ref.normalize(ref.encode(np.asarray(video), progress=False))
+    np.testing.assert_allclose(np.asarray(z), np.asarray(z_ref), rtol=1e-4, atol=1e-4)
+    x = jax.jit(codec.decode)(codec.params, z)
+    x_ref = ref.decode(ref.denormalize(np.asarray(z)), progress=False)
+    np.testing.assert_allclose(np.asarray(x), np.asarray(x_ref), rtol=1e-4, atol=1e-4)
+
+
+def test_patch_codec_is_exactly_invertible():
+    c = tiny.get_config()
+    c.encoders.vae = ml_collections.ConfigDict(dict(kind="patch", spatial=4))
+    codec = Codec.from_config(c)
+    assert codec.z_dim == 192
+    video = jax.random.uniform(jax.random.key(1), (2, 9, 16, 24, 3), minval=-1, maxval=1)
+    z = codec.encode(codec.params, video)
+    assert z.shape == (2, 3, 4, 6, 192)
+    np.testing.assert_allclose(np.asarray(codec.decode(codec.params, z)), np.asarray(video), atol=1e-6)
+
+
+def test_byte_tokenizer():
+    ids, mask = ByteTokenizer(8)(["ab", "héllo wörld"])
+    assert ids.shape == (2, 8) and list(ids[0, :3]) == [ord("a") + 2, ord("b") + 2, 1] and mask[0].sum() == 3
+    assert mask[1].sum() == 8 and ids[1, -1] == 1     # truncated, keeps the eos
