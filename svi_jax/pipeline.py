@@ -165,9 +165,14 @@ class PixelConditioner:
     def prepare(self, params, batch, key):
         from svi_jax.models.t5 import UMT5
 
-        del key
         if self.i2v:
-            both = jnp.concatenate([batch["video"], batch["cond"]], axis=0)     # one encode for clip + condition
+            cond = batch["cond"]
+            hp = float(self.config.erft.get("handcrafted_p", 0.0))
+            if hp > 0:   # the Tab. 7 baseline: handcrafted degradations of the condition frames
+                from svi_jax.augment import degrade
+
+                cond, _ = degrade(key, cond, float(self.config.erft.get("handcrafted_strength", 1.0)), hp)
+            both = jnp.concatenate([batch["video"], cond], axis=0)     # one encode for clip + condition
             z = self._vae(params["vae"], both)
             x0, zc = jnp.split(z, 2, axis=0)
             y = build_y(zc, self.num_frames)

@@ -51,3 +51,17 @@ def test_byte_tokenizer():
     ids, mask = ByteTokenizer(8)(["ab", "héllo wörld"])
     assert ids.shape == (2, 8) and list(ids[0, :3]) == [ord("a") + 2, ord("b") + 2, 1] and mask[0].sum() == 3
     assert mask[1].sum() == 8 and ids[1, -1] == 1     # truncated, keeps the eos
+
+
+def test_handcrafted_degradation():
+    from svi_jax.augment import degrade
+
+    x = jax.random.uniform(jax.random.key(2), (6, 3, 16, 16, 3), minval=-0.8, maxval=0.8)
+    y, applied = jax.jit(degrade, static_argnums=(2, 3))(jax.random.key(3), x, 1.0, 0.5)
+    assert y.shape == x.shape and float(jnp.abs(y).max()) <= 1.0
+    changed = np.asarray(jnp.abs(y - x).reshape(6, -1).max(-1) > 1e-3)
+    np.testing.assert_array_equal(changed, np.asarray(applied) > 0)   # exactly the examples drawn are degraded
+    assert 0 < changed.sum() < 6
+    # every frame of an example gets the same degradation
+    d = np.asarray(y - x)
+    np.testing.assert_allclose(d[:, 0].mean((1, 2)), d[:, 2].mean((1, 2)), atol=0.05)
