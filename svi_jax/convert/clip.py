@@ -170,8 +170,8 @@ def convert(src_path: str, dtype: str = "auto", num_heads: int | None = None):
     cfg = infer_config(src, layout, prefix, num_heads)
     np_dtype = parse_dtype(dtype)
     if np_dtype is None:
-        probe = src._raw(f"{prefix}pre_norm.weight" if layout == "official" else f"{prefix}pre_layrnorm.weight")
-        np_dtype = BF16 if probe.dtype == torch.bfloat16 else np.dtype(np.float32)
+        probe = f"{prefix}pre_norm.weight" if layout == "official" else f"{prefix}pre_layrnorm.weight"
+        np_dtype = BF16 if src.is_half(probe) else np.dtype(np.float32)
     cfg["param_dtype"] = "bfloat16" if np_dtype == BF16 else np.dtype(np_dtype).name
     config = CLIPConfig.from_dict(cfg)
     spec = {k: (tuple(v.shape), np_dtype) for k, v in flatten(param_shapes(config)).items()}

@@ -48,12 +48,13 @@ class TensorSource:
         if not files:
             raise ConversionError(f"no checkpoint files found at {src} "
                                   f"(expected .safetensors, a sharded safetensors directory, or .pth/.pt/.bin)")
+        self._st_headers: dict[str, tuple[int, dict]] = {}
         for f in files:
             if f.endswith(".safetensors"):
-                from safetensors import safe_open
-
-                with safe_open(f, framework="pt") as h:
-                    for k in h.keys():
+                offset, header = _read_st_header(f)
+                self._st_headers[f] = (offset, header)
+                for k in header:
+                    if k != "__metadata__":
                         self._where[k] = ("st", f)
             else:
                 import torch
@@ -76,7 +77,6 @@ class TensorSource:
         if os.path.isfile(cfg):
             with open(cfg) as fh:
                 self.config = json.load(fh)
-        self._handles: dict[str, object] = {}
 
     def _files(self) -> list[str]:
         if os.path.isfile(self.src):
@@ -100,57 +100,76 @@ class TensorSource:
     def __contains__(self, key: str) -> bool:
         return key in self._alias
 
-    def _raw(self, key: str):
-        if key not in self._alias:
-            raise ConversionError(f"missing key {key!r} in {self.src}")
-        real = self._alias[key]
-        kind, f = self._where[real]
-        if kind == "st":
-            from safetensors import safe_open
-
-            h = self._handles.get(f)
-            if h is None:
-                h = self._handles[f] = safe_open(f, framework="pt")
-            return h.get_tensor(real)
-        return self._torch_sd[real]
-
-    def shape(self, key: str) -> tuple[int, ...]:
+    def _entry(self, key: str):
         real = self._alias.get(key)
         if real is None:
             raise ConversionError(f"missing key {key!r} in {self.src}")
         kind, f = self._where[real]
-        if kind == "st":
-            from safetensors import safe_open
+        return real, kind, f
 
-            h = self._handles.get(f)
-            if h is None:
-                h = self._handles[f] = safe_open(f, framework="pt")
-            return tuple(h.get_slice(real).get_shape())
+    def shape(self, key: str) -> tuple[int, ...]:
+        real, kind, f = self._entry(key)
+        if kind == "st":
+            return tuple(self._st_headers[f][1][real]["shape"])
         return tuple(self._torch_sd[real].shape)
 
     def is_half(self, key: str) -> bool:
         """Whether the stored tensor is bf16/fp16 (converted checkpoints then default to bf16)."""
-        real = self._alias[key]
-        kind, f = self._where[real]
+        real, kind, f = self._entry(key)
         if kind == "st":
-            from safetensors import safe_open
-
-            h = self._handles.get(f)
-            if h is None:
-                h = self._handles[f] = safe_open(f, framework="pt")
-            return h.get_slice(real).get_dtype() in ("BF16", "F16")
+            return self._st_headers[f][1][real]["dtype"] in ("BF16", "F16")
         import torch
 
         return self._torch_sd[real].dtype in (torch.bfloat16, torch.float16)
 
     def get(self, key: str) -> np.ndarray:
-        """The tensor as a numpy array (bf16 sources come back as float32)."""
+        """The tensor as a numpy array (half-precision sources come back as float32).
+
+        safetensors are read with one positioned read per tensor (no memory map), so pages of tensors already
+        converted do not stay resident.
+        """
+        real, kind, f = self._entry(key)
+        if kind == "st":
+            offset, header = self._st_headers[f]
+            info = header[real]
+            start, end = info["data_offsets"]
+            dt = _ST_DTYPES.get(info["dtype"])
+            if dt is None:
+                raise ConversionError(f"{f}: tensor {real!r} has unsupported dtype {info['dtype']}")
+            with open(f, "rb") as fh:
+                fh.seek(offset + start)
+                buf = fh.read(end - start)
+            a = np.frombuffer(buf, dtype=dt).reshape(info["shape"])
+            return a.astype(np.float32) if a.dtype in (np.dtype(np.float16), BF16) else a.copy()
         import torch
 
-        t = self._raw(key)
+        t = self._torch_sd[real]
         if t.dtype in (torch.bfloat16, torch.float16):
             t = t.float()
         return t.detach().cpu().numpy()
+
+
+_ST_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": BF16, "F64": np.dtype(np.float64),
+              "I64": np.dtype(np.int64), "I32": np.dtype(np.int32), "I16": np.dtype(np.int16),
+              "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(bool)}
+
+
+def _read_st_header(path: str) -> tuple[int, dict]:
+    """(data offset, header) of a safetensors file: 8-byte little-endian length, then a JSON header."""
+    import struct
+
+    with open(path, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) != 8:
+            raise ConversionError(f"{path} is not a safetensors file (too short)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100_000_000:
+            raise ConversionError(f"{path} is not a safetensors file (header length {n})")
+        try:
+            header = json.loads(fh.read(n))
+        except ValueError as e:
+            raise ConversionError(f"{path} is not a safetensors file ({e})") from None
+    return 8 + n, header
 
 
 class Assembler:

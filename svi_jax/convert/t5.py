@@ -122,9 +122,7 @@ def infer_config(src: TensorSource, layout: str, text_len: int = 512, max_distan
 
 
 def _source_is_bf16(src: TensorSource, key: str) -> bool:
-    import torch
-
-    return src._raw(key).dtype == torch.bfloat16
+    return src.is_half(key)
 
 
 def convert(src_path: str, dtype: str = "auto", text_len: int = 512, max_distance: int | None = None):
