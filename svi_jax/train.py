@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from svi_jax import erft, flow
+from svi_jax import flow, sharding
 from svi_jax import lora as lora_lib
 from svi_jax.models.dit import DiTConfig, WanDiT, init_params
 from svi_jax.models.layers import dtype_of
@@ -73,13 +73,15 @@ def validate_config(config) -> None:
 
 
 def latent_shape(config) -> tuple[int, int, int, int]:
-    """Per-example latent shape ``(F, H/8, W/8, z_dim)`` of the training clips."""
+    """Per-example latent shape ``(F, H/s, W/s, z_dim)`` of the training clips (s = 8 for the Wan VAE)."""
     d = config.data
+    vae = config.encoders.vae
+    s = int(vae.get("spatial", 4)) if vae.get("kind", "wan") == "patch" else 8
     if (d.num_frames - 1) % 4:
         raise ConfigError(f"config.data.num_frames must be 1 + 4k (the VAE packs 4 frames), got {d.num_frames}")
-    if d.height % 16 or d.width % 16:
-        raise ConfigError(f"config.data.height/width must be multiples of 16, got {d.height}x{d.width}")
-    return (1 + (d.num_frames - 1) // 4, d.height // 8, d.width // 8, config.model.out_dim)
+    if d.height % (2 * s) or d.width % (2 * s):
+        raise ConfigError(f"config.data.height/width must be multiples of {2 * s}, got {d.height}x{d.width}")
+    return (1 + (d.num_frames - 1) // 4, d.height // s, d.width // s, config.model.out_dim)
 
 
 # ------------------------------------------------------------------------------------------------ the step
@@ -123,7 +125,7 @@ def make_train_step(config, prepare: Callable[[Any, dict, jax.Array], dict]):
     w_tab = jnp.asarray(flow.training_weights(shift))
     use_erft = bool(config.erft.enabled)
     full = is_full(config)
-    grid_n, cap = int(config.erft.num_grids), int(config.erft.capacity)
+    cap = int(config.erft.capacity)
 
     def step(state, batch):
         rng, k_t, k_eps, k_inj, k_cur, k_prep = jax.random.split(state["rng"], 6)
@@ -133,8 +135,8 @@ def make_train_step(config, prepare: Callable[[Any, dict, jax.Array], dict]):
         tid = jax.random.randint(k_t, (b,), 0, flow.NUM_TRAIN_TIMESTEPS)
         sigma, t, w = sig_tab[tid], t_tab[tid], w_tab[tid]
         eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
-        if use_erft:
-            x_t, target, y_in, info = erft.inject(k_inj, state["banks"], x0, y, eps, t, sigma, config.erft)
+        if use_erft:  # svi_jax.sharding.inject/curate: erft.inject/curate for one bank or per-replica banks
+            x_t, target, y_in, info = sharding.inject(k_inj, state["banks"], x0, y, eps, t, sigma, config.erft)
         else:
             x_t, target, y_in = flow.add_noise(x0, eps, sigma), flow.velocity_target(x0, eps), y
             info = {}
@@ -163,8 +165,11 @@ def make_train_step(config, prepare: Callable[[Any, dict, jax.Array], dict]):
             new["lora"] = trained["lora"]
         new["opt"] = _tree_where(ok, opt_new, state["opt"])
         if use_erft:
-            curated = erft.curate(k_cur, state["banks"], t, sigma, v_pred, target, info, state["step"], config.erft)
-            new["banks"] = _tree_where(ok, curated, state["banks"])
+            # a cond, not a select: a skipped step keeps the banks without copying them (in place when donated)
+            new["banks"] = jax.lax.cond(
+                ok, lambda banks: sharding.curate(k_cur, banks, t, sigma, v_pred, target, info, state["step"],
+                                                  config.erft),
+                lambda banks: banks, state["banks"])
         new["rng"] = rng
         new["step"] = state["step"] + 1
         new["nonfinite_run"] = jnp.where(ok, 0, state["nonfinite_run"] + 1)
@@ -173,7 +178,7 @@ def make_train_step(config, prepare: Callable[[Any, dict, jax.Array], dict]):
                    "t_mean": jnp.mean(t)}
         if use_erft:
             for name in ("noise", "latent"):
-                metrics[f"bank_fill_{name}"] = jnp.sum(new["banks"][name].count) / (grid_n * cap)
+                metrics[f"bank_fill_{name}"] = jnp.mean(new["banks"][name].count) / cap
             for k in ("clean", "noise_injected", "latent_injected", "image_injected"):
                 if k in info:
                     metrics[f"rate_{k}"] = jnp.mean(jnp.asarray(info[k], jnp.float32))
@@ -197,8 +202,7 @@ def init_state(config, params, key) -> dict:
     state["opt"] = make_optimizer(config).init(trainable_of(state, full))
     if config.erft.enabled:
         bank_dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "int8": jnp.int8}[config.erft.bank_dtype]
-        state["banks"] = erft.init_banks(latent_shape(config), config.erft.num_grids, config.erft.capacity,
-                                         bank_dtype)
+        state["banks"] = sharding.init_banks(config, latent_shape(config), dtype=bank_dtype)
     return state
 
 
