@@ -67,3 +67,9 @@ def test_cli_writes_json_and_plot(tmp_path):
     res = json.load(open(tmp_path / "out" / "drift.json"))
     assert [(c["start"], c["end"]) for c in res["clips"]] == [(0, 5), (5, 9)]
     assert os.path.getsize(tmp_path / "out" / "drift.png") > 1000
+
+
+def test_clip_bounds_of_a_stitched_video():
+    # 3 clips of 17 frames with 1 overlap frame: 16 + 16 + 17 = 49 frames
+    assert drift.clip_bounds(49, 16) == [(0, 16), (16, 32), (32, 49)]
+    assert drift.clip_bounds(12, 4) == [(0, 4), (4, 8), (8, 12)]

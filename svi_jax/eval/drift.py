@@ -73,13 +73,16 @@ def psnr_ssim(frames, truth) -> tuple[float, float]:
 
 
 def clip_bounds(num_frames: int, clip_frames: int, first_clip_frames: int | None = None) -> list[tuple[int, int]]:
-    """Frame ranges of each clip in a stitched video (the first clip may be longer: it keeps its first frame)."""
+    """Frame ranges of each clip in a stitched video. The first clip may differ in length; a tail shorter than a
+    clip (the final clip keeps its last ``m`` overlap frames) belongs to the last clip."""
     first = first_clip_frames or clip_frames
     bounds, s = [], 0
     e = min(first, num_frames)
     while s < num_frames:
         bounds.append((s, e))
         s, e = e, min(e + clip_frames, num_frames)
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < clip_frames:
+        bounds[-2:] = [(bounds[-2][0], bounds[-1][1])]
     return bounds
 
 
