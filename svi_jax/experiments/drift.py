@@ -139,6 +139,7 @@ def stage_rollouts(config, workdir: str, base_dit: str, runs: dict) -> dict:
     if e.film_variants:
         models.append(("film_base", None, True))
     out = {}
+    os.makedirs(os.path.join(workdir, "rollouts"), exist_ok=True)
     for name, lora, film in models:
         path = os.path.join(workdir, "rollouts", f"{name}.json")
         if os.path.exists(path):
@@ -156,10 +157,9 @@ def stage_rollouts(config, workdir: str, base_dit: str, runs: dict) -> dict:
                                    roller.first_clip_frames)
                 r.update(case=case["image"], seed=seed)
                 results.append(r)
-                if seed == e.seeds[0] and case is not None:
+                if seed == e.seeds[0]:   # keep one rollout per model and start for looking at
                     np.savez_compressed(os.path.join(workdir, "rollouts", f"{name}_{case['image']}.npz"),
                                         frames=frames)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         json.dump(results, open(path, "w"))
         out[name] = results
     return out
@@ -186,7 +186,7 @@ def report(config, workdir: str, rollouts: dict, runs: dict, timings: dict, repo
     import matplotlib.pyplot as plt
 
     n = config.experiment.num_clips
-    marks = [k for k in (1, 5, 10, 20) if k <= n] or [n]
+    marks = sorted({k for k in (1, 5, 10, 20) if k <= n} | {n})
     fig, axes = plt.subplots(1, len(METRICS), figsize=(3.7 * len(METRICS), 3.3), squeeze=False)
     summary = {}
     for ax, (m, label, _) in zip(axes[0], METRICS):
