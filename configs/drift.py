@@ -47,7 +47,7 @@ def get_quick_config():
     c = get_config()
     c.model.update(dim=32, num_layers=1, num_heads=2, ffn_dim=64)
     c.experiment.update(num_train_clips=8, base_steps=6, lora_steps=4, num_clips=3, seeds=[0], sample_steps=3,
-                        variants=["plain", "erft"], film_variants=["erft"], heldout_images=["camera"])
+                        variants=["erft"], film_variants=["erft"], heldout_images=["camera"])
     c.erft.update(capacity=4, warmup_steps=2)
     c.data.update(batch_size=1, num_workers=1, prefetch=1)
     return c

@@ -123,7 +123,7 @@ def test_bad_config_value_is_rejected(dataset):
 
 def _cli(workdir, dataset, *extra):
     return [sys.executable, "-m", "svi_jax.train", "--config", os.path.join(ROOT, "configs", "tiny.py"),
-            "--workdir", workdir, f"--config.data.dataset={dataset}", "--config.train.num_steps=10",
+            "--workdir", workdir, f"--config.data.dataset={dataset}", "--config.train.num_steps=6",
             "--config.train.ckpt_every=2", *extra]
 
 
@@ -137,14 +137,14 @@ def test_cli_sigkill_and_resume_is_exact(dataset, tmp_path):
     r = subprocess.run(_cli(ref_dir, dataset), env=env, capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     ref = _losses(ref_dir)
-    assert [s for s, _ in ref] == list(range(1, 11))
+    assert [s for s, _ in ref] == list(range(1, 7))
     # kill -9 somewhere after a few steps (possibly during an async save), then re-run the same command
     p = subprocess.Popen(_cli(run_dir, dataset), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          cwd=ROOT)
     metrics = os.path.join(run_dir, "metrics.jsonl")
     deadline = time.time() + 300
     while time.time() < deadline and p.poll() is None:
-        if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 5:
+        if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 3:
             break
         time.sleep(0.05)
     p.send_signal(signal.SIGKILL)
