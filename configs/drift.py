@@ -34,7 +34,7 @@ def get_config():
                       "immunohistochemistry", "colorwheel"],
         heldout_images=["camera", "brick"],
         num_train_clips=64, data_frames=33, seed=0,
-        base_steps=3000, base_lr=1e-3, lora_steps=800, lora_lr=5e-4,
+        base_steps=2000, base_lr=1e-3, lora_steps=500, lora_lr=5e-4,
         num_clips=20, seeds=[0, 1, 2], sample_steps=20, cfg_scale=1.0,
         variants=["plain", "erft", "no_image_error", "no_latent_noise_error", "handcrafted"],
         film_variants=["plain", "erft"],

@@ -67,6 +67,8 @@ def _train(config, workdir: str, what: str):
     trainer = Trainer(config, workdir)
     summary = trainer.run(progress=False)
     trainer.close()
+    if summary["end_step"] < config.train.num_steps:
+        raise SystemExit(f"{what} stopped at step {summary['end_step']} (interrupted); re-run to continue")
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     tail = rows[-max(1, len(rows) // 10):]
     summary.update(seconds=round(time.time() - t0, 1), final_loss=float(np.mean([r["loss"] for r in tail])))
