@@ -33,7 +33,7 @@ setup(
     version="0.1.0",
     description="Stable Video Infinity (ERFT for Wan2.1) in JAX/Flax for TPU pods and CUDA",
     packages=find_packages(include=["svi_jax", "svi_jax.*", "configs", "bench"]),
-    package_data={"svi_jax": ["assets/*"]},
+    package_data={"svi_jax": ["assets/*", "assets/**/*"]},
     python_requires=">=3.10",
     install_requires=RUNTIME,
     extras_require={
