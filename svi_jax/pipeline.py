@@ -260,20 +260,11 @@ def make_data(config, workdir: str, host_id: int | None = None, num_hosts: int |
             videos = os.path.join(workdir, "videos")
             if not os.path.isdir(videos):
                 log.info("generating %d synthetic clips into %s", d.synthetic, videos)
-                _quiet_fork_warning()
                 synthetic.write_dataset(videos, num_videos=int(d.synthetic), num_frames=max(int(d.num_frames), 17),
                                         height=int(d.height), width=int(d.width), seed=int(d.seed))
         log.info("building the dataset %s from %s", dataset, videos)
-        _quiet_fork_warning()
         builder.build_dataset(videos, dataset)
     return ClipLoader(dataset, d, host_id=host_id, num_hosts=num_hosts)
-
-
-def _quiet_fork_warning():
-    """ffmpeg runs in subprocesses that exec at once; Python's fork-with-threads warning does not apply."""
-    import warnings
-
-    warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
 
 
 def _is_built(path: str) -> bool:

@@ -80,20 +80,21 @@ def test_banks_survive_save_restore(dataset, tmp_path):
 def test_loss_decreases_on_a_fixed_batch(dataset, tmp_path):
     c = _config(dataset, num_steps=1)
     c.erft.enabled = False
-    c.optim.lr = 3e-3
+    c.optim.lr = 2e-2
     t = train_lib.Trainer(c, str(tmp_path / "run"))
     batch = t.conditioner.device_batch(next(t.data))
     key_data = np.asarray(jax.random.key_data(t.state["rng"]))
     losses = []
     state = t.state
-    for _ in range(25):
+    for _ in range(30):
         # same timestep and noise every step (a fresh buffer each time: the step donates its state)
         state = dict(state, rng=jax.random.wrap_key_data(jnp.asarray(key_data)))
         state, m = t.step_fn(state, batch)
         losses.append(float(m["loss"]))
     t.close()
     print("fixed-batch losses", [round(v, 4) for v in losses[::6]])
-    assert losses[-1] < 0.7 * losses[0]
+    assert losses[-1] < 0.9 * losses[0]
+    assert sum(b <= a for a, b in zip(losses, losses[1:])) >= 0.8 * (len(losses) - 1)   # mostly monotone
 
 
 def test_nonfinite_updates_are_skipped_and_stop_the_run(dataset, tmp_path):
