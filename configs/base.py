@@ -25,6 +25,10 @@ def train_config(model: ml_collections.ConfigDict, name: str) -> ml_collections.
     c.erft = erft_config()   # official Shot probabilities, 50 grids x 500, warm-up 50
     c.erft.enabled = True
     c.erft.bank_dtype = "bfloat16"
+    # banks on a mesh (svi_jax.sharding): 'replica' = one pair per data replica (official), 'global' = one shared
+    # pair split over all devices; bank_replicas 0 = the mesh's data-axis size.
+    c.erft.bank_mode = "replica"
+    c.erft.bank_replicas = 0
     c.erft.handcrafted_p = 0.0          # > 0: handcrafted degradations of the condition frames (paper Tab. 7)
     c.erft.handcrafted_strength = 1.0
     # AdamW lr 1e-4 as the official scripts (the paper's table says 2e-5: --config.optim.lr=2e-5).

@@ -265,10 +265,24 @@ class Trainer:
             data = make_data(config, self.workdir)
         self.data = data
         params = {"dit": load_frozen_params(config, key), **conditioner.params}
-        self.state = init_state(config, params, jax.random.fold_in(key, 2))
         step_fn, self.module, self.tx = make_train_step(config, conditioner.prepare)
-        self.step_fn = jax.jit(step_fn, donate_argnums=(0,))
+        # one mesh from config.mesh (svi_jax.sharding): the state is created split over it and the step is jitted
+        # with explicit in/out shardings (on one device all of this is a no-op)
+        self.mesh = sharding.make_mesh(config.mesh)
+        enc = sharding.encoder_configs(conditioner)
+        self.state, self.shardings = sharding.init_sharded(lambda p, k: init_state(config, p, k), params,
+                                                           jax.random.fold_in(key, 2), self.mesh, config, self.tx, enc)
+        self.step_fn = sharding.TrainStep(step_fn, self.mesh, config, self.shardings, self.tx, enc)
         self.ckpt = self._manager()
+
+    def device_batch(self, host_batch: dict) -> dict:
+        """This host's batch -> global arrays split over the mesh's data x fsdp axes."""
+        from svi_jax import distributed
+
+        batch = self.conditioner.device_batch(host_batch)
+        if self.step_fn.batch_shardings is None:
+            self.step_fn.build(self.state, batch)
+        return distributed.global_batch(batch, self.step_fn.batch_shardings)
 
     # ---------------------------------------------------------------- checkpoints
     def _manager(self):
@@ -296,7 +310,7 @@ class Trainer:
         latest = self.ckpt.latest_step()
         if latest is None:
             return False
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), saved_part(self.state))
+        abstract = sharding.abstract(saved_part(self.state), saved_part(self.shardings))  # restored sharded
         restored = self.ckpt.restore(latest, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
         self.state = with_saved(self.state, restored["state"])
@@ -307,6 +321,9 @@ class Trainer:
     # ---------------------------------------------------------------- metrics
     def _open_metrics(self, start_step: int):
         """metrics.jsonl keeps exactly the rows of steps <= the restored step (a resumed run rewrites the rest)."""
+        if jax.process_index() != 0:  # multi-host: process 0 writes metrics and TensorBoard
+            self.metrics_file, self.tb = open(os.devnull, "w"), None
+            return
         path = os.path.join(self.workdir, METRICS_FILE)
         rows = []
         if os.path.exists(path):
@@ -343,7 +360,7 @@ class Trainer:
         batch = self.data.peek() if hasattr(self.data, "peek") else None
         t0 = time.time()
         if batch is not None:
-            lowered = self.step_fn.lower(self.state, self.conditioner.device_batch(batch))
+            lowered = self.step_fn.lower(self.state, self.device_batch(batch))
             compiled = lowered.compile()
             self._compiled_info = {"compile_s": round(time.time() - t0, 2)}
             try:
@@ -375,7 +392,7 @@ class Trainer:
         summary = {"start_step": start}
         try:
             while int(self.state["step"]) < total and not stop["flag"]:
-                batch = self.conditioner.device_batch(next(self.data))
+                batch = self.device_batch(next(self.data))
                 self.state, metrics = self.step_fn(self.state, batch)
                 step = int(self.state["step"])
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -414,7 +431,11 @@ class Trainer:
 
     def export_lora(self, path: str | None = None) -> str:
         path = path or os.path.join(self.workdir, "lora.safetensors")
-        lora_lib.save(jax.device_get(self.state["lora"]), path, prefix=self.config.lora.export_prefix)
+        from svi_jax import distributed
+
+        lora = distributed.host_copy(self.state["lora"])  # every process takes part in the gather
+        if distributed.is_main_process():
+            lora_lib.save(lora, path, prefix=self.config.lora.export_prefix)
         return path
 
     def export_dit(self, directory: str | None = None) -> str:
@@ -462,6 +483,9 @@ def main(argv):
     if len(argv) > 1:
         raise SystemExit(f"unexpected arguments: {argv[1:]}")
     quiet_logs()
+    from svi_jax import distributed
+
+    distributed.initialize()  # multi-host (TPU pod, Slurm): from the environment; a no-op for one process
     config = FLAGS.config
     workdir = FLAGS.workdir or os.path.join("runs", config.get("name", "run"))
     try:

@@ -8,6 +8,7 @@ The params pytree stays frozen; LoRA weights are a separate pytree (``svi_jax.lo
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -50,9 +51,11 @@ def _lora_bwd(res, g):
     x, a, b, xa, scale = res
     gs = g * scale
     g_xa = gs @ b.T                                   # [..., r]
-    lead = tuple(range(x.ndim - 1))
-    g_b = jnp.tensordot(xa, gs, axes=(lead, lead))   # [r, out]
-    g_a = jnp.tensordot(x, g_xa, axes=(lead, lead))  # [in, r]
+    # Token-contracted weight grads on 2-D views with the small rank-r operand transposed: contracting the tokens
+    # of the big [tokens, in] activation as a plain [K, N] right operand avoids a transposed copy of it.
+    x2, gs2, xa2, g_xa2 = (_rows2d(t) for t in (x, gs, xa, g_xa))
+    g_b = xa2.T @ gs2                                 # [r, out]
+    g_a = (g_xa2.T @ x2).T                            # [in, r]
     g_x = g_xa @ a.T
     g_scale = jnp.sum((xa @ b) * g).astype(scale.dtype)
     return g_x, g_a.astype(a.dtype), g_b.astype(b.dtype), g_scale
@@ -98,8 +101,8 @@ class LayerNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        dt = x.dtype
-        x = x.astype(jnp.float32)
+        dt, shape = x.dtype, x.shape
+        x = _rows2d(x).astype(jnp.float32)
         mean = x.mean(-1, keepdims=True)
         var = jnp.square(x - mean).mean(-1, keepdims=True)
         y = (x - mean) * jax.lax.rsqrt(var + self.eps)
@@ -110,7 +113,7 @@ class LayerNorm(nn.Module):
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
                               (d,), self.param_dtype)
             y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-        return y.astype(dt)
+        return y.reshape(shape).astype(dt)
 
 
 class RMSNorm(nn.Module):
@@ -125,14 +128,15 @@ class RMSNorm(nn.Module):
         dt = x.dtype
         scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), (self.axis_name,)),
                            (x.shape[-1],), self.param_dtype)
-        x = x.astype(jnp.float32)
+        shape = x.shape
+        x = _rows2d(x).astype(jnp.float32)
         y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), -1, keepdims=True) + self.eps)
-        return (y * scale.astype(jnp.float32)).astype(dt)
+        return (y * scale.astype(jnp.float32)).reshape(shape).astype(dt)
 
 
 # ----------------------------------------------------------------------------------------------- attention
 
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "per_head")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "per_head", "flash", "ulysses", "ring")
 
 
 def resolve_attention(impl: str) -> str:
@@ -150,19 +154,92 @@ def attention(q, k, v, impl: str = "auto", scale: float | None = None):
     * ``xla`` / ``cudnn``: ``jax.nn.dot_product_attention`` with that implementation.
     * ``per_head``: one head at a time (``lax.map``); on CPU this is ~2.4x faster than the fused XLA version
       (see ``../shared/reference/perf_notes.md``) and keeps one ``[Lq, Lk]`` score matrix alive.
+    * ``flash``: blockwise, ``O(L)`` memory; ``ulysses`` / ``ring``: the sequence sharded over the ``context``
+      mesh axis with ``shard_map`` (see ``svi_jax.models.attention_parallel``).
     """
     impl = resolve_attention(impl)
     d = q.shape[-1]
     scale = (1.0 / np.sqrt(d)) if scale is None else scale
+    if impl in ("flash", "ulysses", "ring"):
+        from svi_jax.models import attention_parallel as ap
+
+        if impl == "flash":
+            return ap.flash_attention(q, k, v, scale)
+        return ap.sequence_parallel_attention(q, k, v, impl, scale)
     if impl in ("xla", "cudnn"):
         return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=impl)
 
-    def one_head(qkv):
-        qh, kh, vh = qkv                                   # [B, L, D]
-        s = jnp.einsum("bqd,bkd->bqk", qh, kh, preferred_element_type=jnp.float32) * scale
-        p = jax.nn.softmax(s, axis=-1).astype(vh.dtype)
-        return jnp.einsum("bqk,bkd->bqd", p, vh)
+    return per_head_attention(q, k, v, float(scale))
 
-    qs, ks, vs = (jnp.moveaxis(t, 2, 0) for t in (q, k, v))  # [H, B, L, D]
-    out = jax.lax.map(one_head, (qs, ks, vs))
-    return jnp.moveaxis(out, 0, 2)
+
+# Per-head attention with its own VJP. The backward recomputes each head's probabilities from the saved log-sum-exp
+# (FlashAttention's recipe) instead of autodiff saving a stacked [layers, heads, B, Lq, Lk] probability tensor; and
+# its row term is sum(dO * O) over head_dim, not sum(dP * P) over keys (see docs/benchmarks.md for both effects).
+
+
+def _rows2d(x):
+    """``[..., n]`` -> ``[prod(...), n]``: XLA:CPU's YNNPACK reductions of a product are ~50x slower when the array
+    has a leading axis of size 1 (batch 1), so the row reductions here and in the norms run on 2-D views."""
+    return x.reshape(-1, x.shape[-1])
+
+
+def _heads_first(t):
+    """``[B, L, H, D]`` -> ``[H * B, L, D]``: one 2-D problem per (head, example)."""
+    b, l, h, d = t.shape
+    return jnp.moveaxis(t, 2, 0).reshape(h * b, l, d)
+
+
+def _heads_back(t, like):
+    """``[H * B, L, D]`` -> ``[B, L, H, D]`` in ``like``'s dtype."""
+    b, _, h, _ = like.shape
+    return jnp.moveaxis(t.reshape((h, b) + t.shape[1:]), 0, 2).astype(like.dtype)
+
+
+def _head_scores(qh, kh, scale):
+    return jnp.einsum("qd,kd->qk", qh, kh, preferred_element_type=jnp.float32) * scale
+
+
+def _per_head_fwd_impl(q, k, v, scale):
+    def one_head(qkv):
+        qh, kh, vh = qkv                                   # [L, D]
+        s = _head_scores(qh, kh, scale)
+        m = jnp.max(s, axis=-1, keepdims=True)
+        e = jnp.exp(s - m)
+        den = jnp.sum(e, axis=-1, keepdims=True)
+        o = (e / den).astype(vh.dtype) @ vh
+        return o, m + jnp.log(den)                         # lse [Lq, 1] float32
+
+    o, lse = jax.lax.map(one_head, (_heads_first(q), _heads_first(k), _heads_first(v)))
+    return _heads_back(o, q), lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def per_head_attention(q, k, v, scale: float):
+    """Softmax attention one head at a time (``lax.map``); ``q [B, Lq, H, D]``, ``k, v [B, Lk, H, D]``."""
+    return _per_head_fwd_impl(q, k, v, scale)[0]
+
+
+def _per_head_fwd(q, k, v, scale):
+    o, lse = _per_head_fwd_impl(q, k, v, scale)
+    return o, (q, k, v, o, lse)
+
+
+def _per_head_bwd(scale, res, do):
+    q, k, v, o, lse = res
+    delta = jnp.sum(_rows2d(do.astype(jnp.float32) * o.astype(jnp.float32)), axis=-1)
+    delta = _heads_first(delta.reshape(o.shape[:3] + (1,)))   # [H * B, Lq, 1]
+
+    def one_head(args):
+        qh, kh, vh, doh, lseh, dh = args                                       # [L, D], [Lq, 1]
+        p = jnp.exp(_head_scores(qh, kh, scale) - lseh)                       # [Lq, Lk] float32
+        dv = p.astype(doh.dtype).T @ doh
+        dp = jnp.einsum("qd,kd->qk", doh, vh, preferred_element_type=jnp.float32)
+        ds = (p * (dp - dh) * scale).astype(qh.dtype)
+        return ds @ kh, ds.T @ qh, dv
+
+    dq, dk, dv = jax.lax.map(one_head, (_heads_first(q), _heads_first(k), _heads_first(v), _heads_first(do), lse,
+                                        delta))
+    return _heads_back(dq, q), _heads_back(dk, k), _heads_back(dv, v)
+
+
+per_head_attention.defvjp(_per_head_fwd, _per_head_bwd)
