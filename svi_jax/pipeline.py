@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 
-import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,49 +47,21 @@ class ByteTokenizer:
 
 
 def vae_encode_fn(cfg):
-    """Pure ``(params, video [B, 1+4k, H, W, 3]) -> normalised latents``: first frame, then 4 frames a step under
-    ``lax.scan`` with the causal cache as the carry (one compiled chunk body for every chunk)."""
-    from svi_jax.models.vae import WanVAE, _apply
+    """Pure ``(params, video [B, 1+4k, H, W, 3]) -> normalised latents`` (the streaming encode under ``lax.scan``)."""
+    from svi_jax.models.vae import encode_video
 
     mean = jnp.asarray(cfg.latents_mean, jnp.float32)
     std = jnp.asarray(cfg.latents_std, jnp.float32)
-
-    def encode(params, video):
-        z = _scan_chunks(lambda x, c, first: _apply(params, x, c, cfg, first, WanVAE.encode_chunk), video, 4)
-        return (z.astype(jnp.float32) - mean) / std
-
-    return encode
+    return lambda params, video: (encode_video(params, video, cfg=cfg).astype(jnp.float32) - mean) / std
 
 
 def vae_decode_fn(cfg):
     """Pure ``(params, normalised latents [B, 1+k, h, w, z]) -> video [B, 1+4k, 8h, 8w, 3]`` in [-1, 1]."""
-    from svi_jax.models.vae import WanVAE, _apply
+    from svi_jax.models.vae import decode_video
 
     mean = jnp.asarray(cfg.latents_mean, jnp.float32)
     std = jnp.asarray(cfg.latents_std, jnp.float32)
-
-    def decode(params, z):
-        z = z.astype(jnp.float32) * std + mean
-        x = _scan_chunks(lambda zz, c, first: _apply(params, zz, c, cfg, first, WanVAE.decode_chunk), z, 1)
-        return jnp.clip(x, -1.0, 1.0)
-
-    return decode
-
-
-def _scan_chunks(fn, x, per_step: int):
-    """``fn(first slice)`` then ``lax.scan`` of ``fn`` over the rest of time in ``per_step`` slices, cache carried."""
-    y0, cache = fn(x[:, :1], None, True)
-    rest = x[:, 1:]
-    if rest.shape[1] == 0:
-        return y0
-    chunks = einops.rearrange(rest, "b (n k) h w c -> n b k h w c", k=per_step)
-
-    def body(c, xs):
-        y, c = fn(xs, c, False)
-        return c, y
-
-    _, ys = jax.lax.scan(body, cache, chunks)
-    return jnp.concatenate([y0, einops.rearrange(ys, "n b k h w c -> b (n k) h w c")], axis=1)
+    return lambda params, z: decode_video(params, z.astype(jnp.float32) * std + mean, cfg=cfg)
 
 
 class Codec:

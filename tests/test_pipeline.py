@@ -25,7 +25,10 @@ def test_wan_codec_matches_streaming_vae():
     from svi_jax.models.vae import VAE
 
     c = tiny.get_config()
+    c.encoders.vae = ml_collections.ConfigDict(dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+                                                    temperal_downsample=[False, True, True]))
     codec = Codec.from_config(c)
+    assert codec.kind == "wan"
     video = jax.random.uniform(jax.random.key(0), (1, 9, 16, 24, 3), minval=-1, maxval=1)
     z = jax.jit(codec.encode)(codec.params, video)
     ref = VAE(codec.cfg, codec.params)
