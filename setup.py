@@ -18,6 +18,7 @@ RUNTIME = [
     "imageio-ffmpeg",
     "safetensors",
     "tqdm",
+    "pillow",
     "sentencepiece",
     "ftfy",
     "scikit-image",
