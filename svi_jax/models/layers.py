@@ -226,19 +226,17 @@ def _per_head_fwd(q, k, v, scale):
 
 def _per_head_bwd(scale, res, do):
     q, k, v, o, lse = res
-    delta = jnp.sum(_rows2d(do.astype(jnp.float32) * o.astype(jnp.float32)), axis=-1)
-    delta = _heads_first(delta.reshape(o.shape[:3] + (1,)))   # [H * B, Lq, 1]
 
     def one_head(args):
-        qh, kh, vh, doh, lseh, dh = args                                       # [L, D], [Lq, 1]
+        qh, kh, vh, oh, doh, lseh = args                                       # [L, D], [Lq, 1]
+        dh = jnp.sum(doh.astype(jnp.float32) * oh.astype(jnp.float32), axis=-1, keepdims=True)  # 2-D: see _rows2d
         p = jnp.exp(_head_scores(qh, kh, scale) - lseh)                       # [Lq, Lk] float32
         dv = p.astype(doh.dtype).T @ doh
         dp = jnp.einsum("qd,kd->qk", doh, vh, preferred_element_type=jnp.float32)
         ds = (p * (dp - dh) * scale).astype(qh.dtype)
         return ds @ kh, ds.T @ qh, dv
 
-    dq, dk, dv = jax.lax.map(one_head, (_heads_first(q), _heads_first(k), _heads_first(v), _heads_first(do), lse,
-                                        delta))
+    dq, dk, dv = jax.lax.map(one_head, tuple(_heads_first(t) for t in (q, k, v, o, do)) + (lse,))
     return _heads_back(dq, q), _heads_back(dk, k), _heads_back(dv, v)
 
 

@@ -1,0 +1,522 @@
+"""Ahead-of-time plan of the ERFT train step on a (fake) device mesh, without allocating anything.
+
+  python -m svi_jax.plan --config configs/shot.py --devices 64 --mesh data=8,fsdp=8 --chip v5p --json out.json
+
+Builds the train state and a latent-form batch as ``jax.ShapeDtypeStruct``s (the DiT step with cached latents,
+``pipeline.LatentConditioner``: the frozen VAE/UMT5/CLIP encoders are not part of the compiled step), jits the
+real train step with the shardings of :mod:`svi_jax.sharding`, lowers and compiles it for
+
+* ``--target cpu`` (default): ``--devices`` fake CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count=N``,
+  set here; the command re-executes itself if JAX was already initialised with another device count);
+* ``--target tpu``: a TPU slice described by ``--topology`` (e.g. ``v5p:4x4x4``, 64 chips; default from ``--chip``
+  and ``--devices``), compiled by the real TPU compiler on this host without a TPU
+  (``jax.experimental.topologies``; needs the ``libtpu`` wheel matching jax, ``pip install 'libtpu==0.0.42.*'``
+  for jax 0.10.2, or ``TPU_LIBRARY_PATH`` pointing at a ``libtpu.so``),
+
+and reports per device:
+
+* bytes of arguments / outputs / aliased (donated) / temporaries from ``compiled.memory_analysis()``, the peak
+  estimate ``arguments + outputs - aliased + temporaries``, and the per-part split of the arguments (frozen
+  params, LoRA, optimizer, banks, batch) from the shard shapes;
+* FLOPs: the compiled per-device HLO, counted by walking every ``dot`` with its enclosing loops' trip counts
+  (``compiled.cost_analysis()`` counts a ``while`` body once, so it is printed only for reference), against the
+  analytic count of :func:`svi_jax.models.dit.flops_per_forward` (see ``analytic_flops``);
+* bytes moved by collectives, compile time.
+
+Caveat for ``--target cpu``: XLA:CPU keeps many bf16 intermediates in f32 (e.g. it rewrites the bf16 stack of
+rematerialisation residuals as f32) and fuses less, so its temporaries are an upper bound; ``--target tpu`` gives
+the TPU compiler's own buffer assignment.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+
+CHIPS = {  # HBM bytes, dense bf16 FLOP/s
+    "v5p": {"hbm_gb": 95.0, "bf16_tflops": 459.0},
+    "v5e": {"hbm_gb": 16.0, "bf16_tflops": 197.0},
+    "v4": {"hbm_gb": 32.0, "bf16_tflops": 275.0},
+    "a100-80": {"hbm_gb": 80.0, "bf16_tflops": 312.0},
+    "h100-80": {"hbm_gb": 80.0, "bf16_tflops": 989.0},
+}
+GB = 1e9
+
+
+# ------------------------------------------------------------------------------------------------ args
+
+
+def parse_mesh(text: str) -> dict:
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        if "=" not in part:
+            raise ValueError(f"--mesh entries are axis=size, got {part!r}")
+        k, v = part.split("=", 1)
+        out[k.strip()] = int(v)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m svi_jax.plan", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="training config file, e.g. configs/shot.py")
+    p.add_argument("--devices", type=int, required=True, help="number of (fake) devices")
+    p.add_argument("--mesh", default="", help="axis=size list, e.g. data=8,fsdp=8 (unset axes: 1, -1 = the rest; "
+                   "default: the config's mesh)")
+    p.add_argument("--chip", default="v5p", choices=sorted(CHIPS), help="HBM size and peak FLOP/s to compare with")
+    p.add_argument("--target", default="cpu", choices=("cpu", "tpu"),
+                   help="compile for fake CPU devices, or for a TPU topology with the TPU compiler (needs libtpu)")
+    p.add_argument("--topology", default="", help="TPU topology for --target tpu, e.g. v5p:4x4x4 (default: from "
+                   "--chip and --devices)")
+    p.add_argument("--batch", type=int, default=0, help="global batch (default: one clip per data x fsdp slot)")
+    p.add_argument("--attention", default="", help="attention implementation (default: flash, or ulysses when "
+                   "the context axis is > 1)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set erft.capacity=250 --set model.num_layers=2")
+    p.add_argument("--json", default="", help="also write the report here")
+    p.add_argument("--label", default="", help="a free-text label stored in the report")
+    return p
+
+
+def _coerce(old, value: str):
+    if isinstance(old, bool):
+        return value.lower() in ("1", "true", "yes")
+    if isinstance(old, int):
+        return int(value)
+    if isinstance(old, float):
+        return float(value)
+    return value
+
+
+def load_config(path: str, sets):
+    from ml_collections import config_flags  # noqa: F401  (ml_collections is a dependency anyway)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plan_config", path)
+    mod = importlib.util.module_from_spec(spec)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    spec.loader.exec_module(mod)
+    config = mod.get_config()
+    for item in sets:
+        key, value = item.split("=", 1)
+        *parents, leaf = key.split(".")
+        node = config
+        for name in parents:
+            node = node[name]
+        if leaf not in node:
+            raise KeyError(f"--set {key}: no such config field")
+        node[leaf] = _coerce(node[leaf], value)
+    return config
+
+
+# ------------------------------------------------------------------------------------------------ devices
+
+
+_TPU_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8", 512: "8x8x8"}
+_TPU_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+
+
+def default_topology(chip: str, n: int) -> str:
+    if chip in ("v5p", "v4"):
+        table = _TPU_3D
+    elif chip == "v5e":
+        table = _TPU_2D
+    else:
+        raise ValueError(f"--target tpu needs a TPU --chip (v5p, v5e, v4), got {chip!r}")
+    if n not in table:
+        raise ValueError(f"no default {chip} topology for {n} chips; pass --topology (e.g. {chip}:2x2x2)")
+    return f"{chip}:{table[n]}"
+
+
+def tpu_devices(topology: str):
+    """The devices of a TPU slice for ahead-of-time compilation (no TPU needed; libtpu must be installed)."""
+    import importlib.util
+
+    if not os.environ.get("TPU_LIBRARY_PATH") and importlib.util.find_spec("libtpu") is None:
+        raise RuntimeError("--target tpu compiles with the TPU compiler in libtpu: pip install 'libtpu==0.0.42.*' "
+                           "(the version jax 0.10.2's [tpu] extra pins), or set TPU_LIBRARY_PATH to a libtpu.so")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # no TPU VM metadata here
+    from jax.experimental import topologies
+
+    return list(topologies.get_topology_desc(topology, "tpu").devices)
+
+
+def ensure_devices(n: int, argv) -> None:
+    """Make ``jax`` see ``n`` CPU devices: set XLA_FLAGS before the backend starts, or re-exec if it has."""
+    flag = f"--xla_force_host_platform_device_count={n}"
+    flags = os.environ.get("XLA_FLAGS", "")
+    if flag not in flags.split():
+        flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", flags).strip()
+        os.environ["XLA_FLAGS"] = (flags + " " + flag).strip()
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        if "jax" in sys.modules:
+            from jax._src import xla_bridge
+
+            if getattr(xla_bridge, "_backends", None):
+                os.execv(sys.executable, [sys.executable, "-m", "svi_jax.plan", *argv])
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+# ------------------------------------------------------------------------------------------------ HLO walk
+
+_COMP = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
+_INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.+?) ([a-z][\w\-]*)\((.*)$")
+_SHAPE = re.compile(r"([a-z]\w*)\[([\d,]*)\]")
+_CALLS = re.compile(r"(?:calls|to_apply|body|condition|true_computation|false_computation)=%?([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
+          "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute",
+               "all-gather-done", "all-reduce-done", "collective-permute-done")  # async pairs: count the -done
+
+
+def _operands(rest: str) -> list:
+    """Operand names of an instruction (``rest`` starts right after the opening parenthesis)."""
+    depth, end = 1, len(rest)
+    for i, ch in enumerate(rest):
+        if ch in "({[":
+            depth += 1
+        elif ch in ")}]":
+            depth -= 1
+            if depth == 0:
+                end = i
+                break
+    return re.findall(r"%([\w.\-]+)", rest[:end])
+
+
+def _dims(s: str):
+    return [int(d) for d in s.split(",") if d]
+
+
+def _array_bytes(type_str: str) -> int:
+    return sum(_BYTES.get(t, 4) * math.prod(_dims(d)) for t, d in _SHAPE.findall(type_str))
+
+
+def _cond_trip_count(comps, rest: str) -> int:
+    """Trip count of a ``while`` without a ``known_trip_count`` annotation (the TPU compiler's output): its condition
+    ``i < N`` against a constant, the induction variable starting at 0 as in lowered scans/fori_loops."""
+    m = re.search(r"condition=%?([\w.\-]+)", rest)
+    lines = comps.get(m.group(1), []) if m else []
+    consts = {}
+    for line in lines:
+        c = re.match(r"^\s*%?([\w.\-]+) = s32\[\]\S* constant\((-?\d+)\)", line)
+        if c:
+            consts[c.group(1)] = int(c.group(2))
+    for line in lines:
+        if "ROOT" in line and " compare(" in line and "direction=LT" in line:
+            ops = _operands(line.split(" compare(", 1)[1])
+            vals = [consts[o] for o in ops if o in consts]
+            if vals:
+                return max(vals[0], 1)
+    return 1
+
+
+def hlo_stats(text: str) -> dict:
+    """FLOPs of ``dot``s and bytes of collectives of an optimised HLO module, loops multiplied by their trip counts
+    (conditionals: the costliest branch)."""
+    comps, order, cur = {}, [], None
+    for line in text.splitlines():
+        if cur is None:
+            m = _COMP.match(line)
+            if m and "=" not in line.split("{")[0].split("(")[0]:
+                cur = m.group(1)
+                comps[cur] = []
+                order.append(cur)
+                if line.startswith("ENTRY"):
+                    comps["__entry__"] = cur
+            continue
+        if line.strip() == "}":
+            cur = None
+            continue
+        comps[cur].append(line)
+    entry = comps.pop("__entry__", order[-1] if order else None)
+    memo = {}
+
+    def walk(name):
+        if name in memo:
+            return memo[name]
+        memo[name] = (0.0, 0.0, {})
+        shapes, flops, coll, coll_by = {}, 0.0, 0.0, {}
+        for line in comps.get(name, []):
+            m = _INSTR.match(line)
+            if not m:
+                continue
+            iname, type_str, op, rest = m.groups()
+            shapes[iname] = type_str
+            if op == "dot":
+                out = _SHAPE.search(type_str)
+                operands = _operands(rest)
+                lhs = shapes.get(operands[0], "") if operands else ""
+                lhs_m = _SHAPE.search(lhs)
+                cd = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
+                if out and lhs_m and cd:
+                    ldims = _dims(lhs_m.group(2))
+                    k = math.prod(ldims[i] for i in _dims(cd.group(1)))
+                    flops += 2.0 * math.prod(_dims(out.group(2))) * k
+            elif op == "convolution":  # the TPU compiler rewrites many dots as convolutions
+                out = _SHAPE.search(type_str)
+                operands = _operands(rest)
+                rhs_m = _SHAPE.search(shapes.get(operands[1], "")) if len(operands) > 1 else None
+                lab = re.search(r"dim_labels=[^_]*_([^-]*)->", rest)
+                if out and rhs_m and lab:
+                    rdims = _dims(rhs_m.group(2))
+                    k = math.prod(d for d, c in zip(rdims, lab.group(1)) if c == "i")
+                    # taps per output position: window size / base (lhs) dilation per spatial dim; batched dots
+                    # appear as 'window={size=B lhs_dilate=B}' convolutions with one tap
+                    size = re.search(r"window=\{[^}]*size=([\dx]+)", rest)
+                    dil = re.search(r"window=\{[^}]*lhs_dilate=([\dx]+)", rest)
+                    sizes = [int(v) for v in size.group(1).split("x")] if size else []
+                    dils = [int(v) for v in dil.group(1).split("x")] if dil else [1] * len(sizes)
+                    taps = math.prod(-(-a // b) for a, b in zip(sizes, dils))
+                    flops += 2.0 * math.prod(_dims(out.group(2))) * k * taps
+            elif op in COLLECTIVES:
+                b = _array_bytes(type_str)
+                coll += b
+                key = op.replace("-done", "")
+                coll_by[key] = coll_by.get(key, 0.0) + b
+            mult = 1
+            if op == "while":
+                t = _TRIP.search(rest)
+                mult = int(t.group(1)) if t else _cond_trip_count(comps, rest)
+            called = _CALLS.findall(rest)
+            br = _BRANCHES.search(rest)
+            if br:
+                subs = [walk(c.strip().lstrip("%")) for c in br.group(1).split(",") if c.strip()]
+                if subs:
+                    best = max(subs, key=lambda s: s[0])
+                    flops += best[0]
+                    coll += best[1]
+                    for k2, v in best[2].items():
+                        coll_by[k2] = coll_by.get(k2, 0.0) + v
+            for c in called:
+                f2, c2, by2 = walk(c)
+                flops += mult * f2
+                coll += mult * c2
+                for k2, v in by2.items():
+                    coll_by[k2] = coll_by.get(k2, 0.0) + mult * v
+        memo[name] = (flops, coll, coll_by)
+        return memo[name]
+
+    flops, coll, coll_by = walk(entry) if entry else (0.0, 0.0, {})
+    return {"flops": flops, "collective_bytes": coll, "collective_bytes_by_kind": coll_by}
+
+
+# ------------------------------------------------------------------------------------------------ analytic
+
+
+def analytic_flops(dit_cfg, latent_fhw, batch: int, text_len: int, remat: bool, lora_rank: int,
+                   lora_params: int) -> dict:
+    """Matmul FLOPs of one train step, counted as follows (F = ``flops_per_forward``, A = its attention part):
+
+    * forward F; with full rematerialisation the forward again inside the backward (F);
+    * backward of a frozen base: only input gradients, one matmul per forward matmul (F - A) -- no weight
+      gradients for frozen weights (the usual "3x forward" counts those as well);
+    * attention backward with recomputed scores (flash): QK^T again, dP = dO V^T, dV = P^T dO, dQ, dK: 2.5 A;
+    * LoRA: forward (x A) B, backward input grads and the A/B gradients: 3 x 2 x tokens x r x (in + out) summed
+      over targets = 6 x tokens x lora_params per layer-stack.
+    """
+    from svi_jax.models.dit import flops_per_forward
+
+    f, h, w = latent_fhw
+    F = flops_per_forward(dit_cfg, (f, h, w), batch=batch, text_len=text_len)
+    pt, ph, pw = dit_cfg.patch_size
+    n = (f // pt) * (h // ph) * (w // pw)
+    ctx = text_len + (257 if dit_cfg.is_i2v else 0)
+    A = 2.0 * batch * dit_cfg.num_layers * (2 * n * n * dit_cfg.dim + 2 * n * ctx * dit_cfg.dim)
+    lora = 6.0 * batch * n * lora_params  # approx.: every LoRA target sees the video tokens (cross k/v see text)
+    step = F + (F if remat else 0.0) + (F - A) + 2.5 * A + lora
+    return {"forward": F, "attention_forward": A, "lora": lora, "step": step, "three_x_forward": 3.0 * F}
+
+
+# ------------------------------------------------------------------------------------------------ plan
+
+
+def plan(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from svi_jax import lora as lora_lib
+    from svi_jax import sharding, train
+    from svi_jax.models.dit import DiTConfig, param_shapes
+    from svi_jax.pipeline import LatentConditioner
+
+    config = load_config(args.config, args.set)
+    mesh_cfg = dict(config.mesh)
+    if args.mesh:
+        mesh_cfg = {a: 1 for a in sharding.MESH_AXES}
+        mesh_cfg.update(parse_mesh(args.mesh))
+    sizes = sharding.mesh_shape(mesh_cfg, args.devices)
+    config.mesh.update(sizes)
+    if args.attention:
+        config.model.attention = args.attention
+    elif config.model.attention == "auto":
+        config.model.attention = "ulysses" if sizes["context"] > 1 else "flash"
+    if sharding.bank_mode(config) == "replica" and not config.erft.get("bank_replicas", 0):
+        config.erft.bank_replicas = sizes["data"]
+    train.validate_config(config)
+    topology = ""
+    if args.target == "tpu":
+        topology = args.topology or default_topology(args.chip, args.devices)
+        devices = tpu_devices(topology)
+        if len(devices) != args.devices:
+            raise ValueError(f"topology {topology} has {len(devices)} chips, --devices says {args.devices}")
+    else:
+        devices = jax.devices()
+        if len(devices) != args.devices:
+            raise RuntimeError(f"expected {args.devices} devices, JAX sees {len(devices)} "
+                               f"(XLA_FLAGS={os.environ.get('XLA_FLAGS')!r})")
+    mesh = sharding.make_mesh(sizes, devices=devices)
+    batch_size = args.batch or sizes["data"] * sizes["fsdp"]
+    F, H, W, C = train.latent_shape(config)
+    dit_cfg = DiTConfig.from_dict(config.model.to_dict())
+    S = jax.ShapeDtypeStruct
+
+    # abstract state and batch (nothing is allocated)
+    params = {"dit": param_shapes(dit_cfg)}
+    state = jax.eval_shape(lambda p, k: train.init_state(config, p, k), params, jax.random.key(0))
+    state["params"] = params
+    f32 = jnp.float32
+    batch = {"latents": S((batch_size, F, H, W, C), f32), "context": S((batch_size, dit_cfg.text_len,
+                                                                            dit_cfg.text_dim), f32)}
+    if dit_cfg.is_i2v:
+        batch["y"] = S((batch_size, F, H, W, C + 4), f32)
+        batch["clip_fea"] = S((batch_size, 257, dit_cfg.image_dim), f32)
+    cond = LatentConditioner(config)
+    step_fn, _, tx = train.make_train_step(config, cond.prepare)
+
+    t0 = time.time()
+    jitted = sharding.jit_train_step(step_fn, mesh, config, state, batch, tx)
+    lowered = jitted.lower(state, batch)
+    lower_s = time.time() - t0
+    t0 = time.time()
+    compiled = lowered.compile()
+    compile_s = time.time() - t0
+
+    mem = compiled.memory_analysis()
+    ca = compiled.cost_analysis()
+    ca = ca[0] if isinstance(ca, (list, tuple)) else (ca or {})
+    stats = hlo_stats(compiled.as_text())
+
+    # per-part argument bytes from the shard shapes
+    s_sh, b_sh = jitted.in_shardings
+    parts = {}
+    for name in state:
+        parts[name] = sharding.per_device_bytes(state[name], s_sh[name])
+    parts["batch"] = sharding.per_device_bytes(batch, b_sh)
+    bank_bytes = parts.get("banks", 0)
+    K = int(config.erft.capacity)
+
+    args_b, out_b = mem.argument_size_in_bytes, mem.output_size_in_bytes
+    alias_b, temp_b = mem.alias_size_in_bytes, mem.temp_size_in_bytes
+    peak = args_b + out_b - alias_b + temp_b
+    chip = CHIPS[args.chip]
+    hbm = chip["hbm_gb"] * GB
+    lora_params = sum(int(math.prod(a.shape)) for a in jax.tree.leaves(state.get("lora", {}))) \
+        // max(dit_cfg.num_layers, 1) * dit_cfg.num_layers
+    ana = analytic_flops(dit_cfg, (F, H, W), batch_size, dit_cfg.text_len,
+                         config.model.remat_policy != "none", int(config.lora.rank), lora_params)
+    compiled_total = stats["flops"] * args.devices
+    per_slot = bank_bytes / K if K else 0.0
+    headroom = hbm - (peak - bank_bytes)
+    report = {
+        "label": args.label,
+        "config": args.config,
+        "overrides": list(args.set),
+        "devices": args.devices,
+        "mesh": sizes,
+        "chip": args.chip,
+        "chip_hbm_gb": chip["hbm_gb"],
+        "batch": batch_size,
+        "latent": [F, H, W, C],
+        "tokens_per_clip": (F // dit_cfg.patch_size[0]) * (H // dit_cfg.patch_size[1]) * (W // dit_cfg.patch_size[2]),
+        "model": {k: getattr(dit_cfg, k) for k in ("model_type", "dim", "num_layers", "num_heads", "ffn_dim",
+                                                       "param_dtype", "dtype", "remat_policy", "attention")},
+        "lora_rank": int(config.lora.rank),
+        "erft": {"bank_mode": sharding.bank_mode(config),
+                 "bank_replicas": sharding.num_bank_replicas(config, args.devices),
+                 "num_grids": int(config.erft.num_grids), "capacity": K, "bank_dtype": config.erft.bank_dtype},
+        "per_device_gb": {
+            "arguments": args_b / GB, "outputs": out_b / GB, "aliased": alias_b / GB, "temporaries": temp_b / GB,
+            "peak": peak / GB, "generated_code": mem.generated_code_size_in_bytes / GB,
+            "argument_parts": {k: v / GB for k, v in parts.items()},
+        },
+        "fits": bool(peak <= hbm),
+        "bank_gb_per_device_per_capacity_slot": per_slot / GB,
+        "max_capacity_that_fits": int(max(0, headroom) // per_slot) if per_slot else None,
+        "flops": {
+            "compiled_per_device": stats["flops"],
+            "compiled_total": compiled_total,
+            "xla_cost_analysis_per_device_loop_bodies_once": float(ca.get("flops", 0.0)),
+            "analytic_forward": ana["forward"],
+            "analytic_attention_forward": ana["attention_forward"],
+            "analytic_step": ana["step"],
+            "analytic_three_x_forward": ana["three_x_forward"],
+            "compiled_over_analytic_step": compiled_total / ana["step"] if ana["step"] else None,
+            "ideal_step_s_at_peak": stats["flops"] / (chip["bf16_tflops"] * 1e12),
+        },
+        "collective_gb_per_device": stats["collective_bytes"] / GB,
+        "collective_gb_by_kind": {k: v / GB for k, v in stats["collective_bytes_by_kind"].items()},
+        "lower_s": lower_s,
+        "compile_s": compile_s,
+        "jax": jax.__version__,
+        "target": args.target,
+        "topology": topology,
+        "device_kind": devices[0].device_kind,
+        "backend": ("XLA:CPU fake devices (--xla_force_host_platform_device_count)" if args.target == "cpu" else
+                    f"TPU compiler (libtpu, ahead of time for {topology}, no TPU attached)"),
+    }
+    return report
+
+
+def format_report(r: dict) -> str:
+    m, fl, pd = r["mesh"], r["flops"], r["per_device_gb"]
+    mesh = " x ".join(f"{k}={v}" for k, v in m.items() if v > 1) or "1 device"
+    lines = [
+        f"plan: {r['config']} on {r['devices']} devices ({mesh}), chip {r['chip']} ({r['chip_hbm_gb']:.0f} GB), "
+        f"compiled for {r['target']}{' ' + r['topology'] if r['topology'] else ''} ({r['device_kind']})",
+        f"  batch {r['batch']} clips, latent {r['latent']}, {r['tokens_per_clip']} tokens/clip, "
+        f"model {r['model']['dim']}x{r['model']['num_layers']} {r['model']['param_dtype']}, "
+        f"attention {r['model']['attention']}, remat {r['model']['remat_policy']}, LoRA r{r['lora_rank']}",
+        f"  banks: {r['erft']['bank_mode']} x{r['erft']['bank_replicas']}, {r['erft']['num_grids']} grids x "
+        f"{r['erft']['capacity']} {r['erft']['bank_dtype']}",
+        "  per device (GB): arguments {:.2f}  outputs {:.2f}  aliased {:.2f}  temporaries {:.2f}  -> peak {:.2f} "
+        "({})".format(pd["arguments"], pd["outputs"], pd["aliased"], pd["temporaries"], pd["peak"],
+                      "fits" if r["fits"] else "DOES NOT FIT"),
+        "  arguments by part (GB): " + ", ".join(f"{k} {v:.2f}" for k, v in pd["argument_parts"].items()),
+        f"  bank GB per device per capacity slot: {r['bank_gb_per_device_per_capacity_slot']:.4f}; "
+        f"largest capacity that fits: {r['max_capacity_that_fits']}",
+        "  FLOPs: compiled {:.3e}/device, {:.3e} total; analytic step {:.3e} (forward {:.3e}); ratio {:.3f}".format(
+            fl["compiled_per_device"], fl["compiled_total"], fl["analytic_step"], fl["analytic_forward"],
+            fl["compiled_over_analytic_step"] or float("nan")),
+        f"  ideal step time at peak bf16: {fl['ideal_step_s_at_peak']:.2f} s; collectives "
+        f"{r['collective_gb_per_device']:.1f} GB/device/step",
+        f"  lower {r['lower_s']:.1f} s, compile {r['compile_s']:.1f} s",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.target == "cpu":
+        ensure_devices(args.devices, argv)
+    else:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host's own backend; the TPU is compile-only
+    report = plan(args)
+    print(format_report(report), flush=True)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
