@@ -143,9 +143,14 @@ def test_cli_sigkill_and_resume_is_exact(dataset, tmp_path):
     p = subprocess.Popen(_cli(run_dir, dataset), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          cwd=ROOT)
     metrics = os.path.join(run_dir, "metrics.jsonl")
+    ckpts = os.path.join(run_dir, "checkpoints")
+
+    def finalized():  # orbax renames a checkpoint to its bare step number only once it is complete
+        return os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts))
+
     deadline = time.time() + 300
     while time.time() < deadline and p.poll() is None:
-        if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 3:
+        if finalized() and os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 3:
             break
         time.sleep(0.05)
     p.send_signal(signal.SIGKILL)
