@@ -96,6 +96,21 @@ def test_custom_vjp_matches_autodiff():
         np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-5, atol=1e-5)
 
 
+def test_gelu_tanh_matches_jax_gelu_values_and_grads():
+    from svi_jax.models.layers import gelu_tanh
+
+    x = jnp.linspace(-6.0, 6.0, 1001).reshape(7, 143) * jax.random.uniform(jax.random.key(1), (7, 143), minval=0.5)
+    np.testing.assert_array_equal(np.asarray(gelu_tanh(x)), np.asarray(jax.nn.gelu(x, approximate=True)))
+    g = jax.random.normal(jax.random.key(2), x.shape)
+    d1 = jax.grad(lambda x: jnp.sum(gelu_tanh(x) * g))(x)
+    d2 = jax.grad(lambda x: jnp.sum(jax.nn.gelu(x, approximate=True) * g))(x)
+    np.testing.assert_allclose(np.asarray(d1), np.asarray(d2), rtol=1e-5, atol=1e-6)
+    # second order (jvp of the custom jvp) still works
+    h1 = jax.grad(lambda x: jnp.sum(jax.grad(lambda y: jnp.sum(gelu_tanh(y)))(x)))(x)
+    h2 = jax.grad(lambda x: jnp.sum(jax.grad(lambda y: jnp.sum(jax.nn.gelu(y, approximate=True)))(x)))(x)
+    np.testing.assert_allclose(np.asarray(h1), np.asarray(h2), rtol=1e-4, atol=1e-5)
+
+
 def test_export_import_roundtrip_exact(tmp_path):
     params = init_params(CFG, jax.random.key(0))
     lora = _random_lora(params, rank=4)

@@ -24,7 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def _env(devices: int):
     env = dict(os.environ)
     flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
-    env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
+    # cheaper XLA:CPU compiles (LLVM -O0): the programs here are tiny, compile time dominates
+    env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}",
+                                         "--xla_backend_optimization_level=0",
+                                         "--xla_llvm_disable_expensive_passes=true"])
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env

@@ -22,7 +22,7 @@ import numpy as np
 import flax.linen as nn
 from flax.linen import meta as nn_meta
 
-from svi_jax.models.layers import Linear, LayerNorm, RMSNorm, attention, dtype_of
+from svi_jax.models.layers import Linear, LayerNorm, RMSNorm, attention, dtype_of, gelu_tanh
 
 REMAT_POLICIES = {
     "none": None,  # no rematerialisation
@@ -206,7 +206,7 @@ class FFN(nn.Module):
         dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         h = Linear(cfg.ffn_dim, ("embed", "mlp"), dtype=dt, param_dtype=pdt, lora_scale=cfg.lora_scale, name="0")(x)
         h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
-        h = jax.nn.gelu(h, approximate=True)
+        h = gelu_tanh(h)
         return Linear(cfg.dim, ("mlp", "embed"), dtype=dt, param_dtype=pdt, lora_scale=cfg.lora_scale, name="2")(h)
 
 

@@ -51,17 +51,35 @@ def _lora_bwd(res, g):
     x, a, b, xa, scale = res
     gs = g * scale
     g_xa = gs @ b.T                                   # [..., r]
-    # Token-contracted weight grads on 2-D views with the small rank-r operand transposed: contracting the tokens
-    # of the big [tokens, in] activation as a plain [K, N] right operand avoids a transposed copy of it.
-    x2, gs2, xa2, g_xa2 = (_rows2d(t) for t in (x, gs, xa, g_xa))
-    g_b = xa2.T @ gs2                                 # [r, out]
-    g_a = (g_xa2.T @ x2).T                            # [in, r]
+    # Token-contracted weight grads with the small rank-r operand on the left: the big [tokens, in] activation is
+    # then a plain [K, N] right operand, and XLA makes no transposed copy of it (it did for tensordot(x, g_xa)).
+    lead = tuple(range(x.ndim - 1))
+    g_b = jnp.tensordot(xa, gs, axes=(lead, lead))     # [r, out]
+    g_a = jnp.tensordot(g_xa, x, axes=(lead, lead)).T  # [in, r]
     g_x = g_xa @ a.T
     g_scale = jnp.sum((xa @ b) * g).astype(scale.dtype)
     return g_x, g_a.astype(a.dtype), g_b.astype(b.dtype), g_scale
 
 
 _lora_mm.defvjp(_lora_fwd, _lora_bwd)
+
+
+@jax.custom_jvp
+def gelu_tanh(x):
+    """``jax.nn.gelu(x, approximate=True)`` (same forward values) whose derivative is one array computed with the
+    forward: autodiff of the composite formula keeps four activation-sized residuals per FFN (x, x^3 terms, tanh,
+    ...), this keeps one."""
+    return jax.nn.gelu(x, approximate=True)
+
+
+@gelu_tanh.defjvp
+def _gelu_tanh_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    c = np.sqrt(2 / np.pi).astype(x.dtype)
+    t = jnp.tanh(c * (x + 0.044715 * (x ** 3)))
+    cdf = 0.5 * (1.0 + t)
+    slope = cdf + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * (x * x))
+    return x * cdf, slope * dx
 
 
 class Linear(nn.Module):
@@ -152,8 +170,9 @@ def attention(q, k, v, impl: str = "auto", scale: float | None = None):
     """Multi-head attention without mask. ``q [B, Lq, H, D]``, ``k, v [B, Lk, H, D]`` -> ``[B, Lq, H, D]``.
 
     * ``xla`` / ``cudnn``: ``jax.nn.dot_product_attention`` with that implementation.
-    * ``per_head``: one head at a time (``lax.map``); on CPU this is ~2.4x faster than the fused XLA version
-      (see ``../shared/reference/perf_notes.md``) and keeps one ``[Lq, Lk]`` score matrix alive.
+    * ``per_head``: one head at a time (``lax.map``) with its own VJP (no stored probabilities); on CPU the fastest
+      here (forward+backward 1.29x faster than ``xla``, 1.08x than ``flash`` at 1,950 tokens, see
+      ``docs/benchmarks.md``); keeps one ``[Lq, Lk]`` score matrix alive.
     * ``flash``: blockwise, ``O(L)`` memory; ``ulysses`` / ``ring``: the sequence sharded over the ``context``
       mesh axis with ``shard_map`` (see ``svi_jax.models.attention_parallel``).
     """
@@ -178,9 +197,11 @@ def attention(q, k, v, impl: str = "auto", scale: float | None = None):
 
 
 def _rows2d(x):
-    """``[..., n]`` -> ``[prod(...), n]``: XLA:CPU's YNNPACK reductions of a product are ~50x slower when the array
-    has a leading axis of size 1 (batch 1), so the row reductions here and in the norms run on 2-D views."""
-    return x.reshape(-1, x.shape[-1])
+    """``x`` without its size-1 leading axes (at least 2-D): XLA:CPU's YNNPACK row reductions of a product are
+    30-60x slower when the array has a leading axis of size 1 (batch 1), so the norms reduce over this view.
+    Dropping unit axes never merges sharded axes."""
+    shape = tuple(d for d in x.shape[:-1] if d != 1) or (1,)
+    return x.reshape(shape + x.shape[-1:])
 
 
 def _heads_first(t):
@@ -229,7 +250,7 @@ def _per_head_bwd(scale, res, do):
 
     def one_head(args):
         qh, kh, vh, oh, doh, lseh = args                                       # [L, D], [Lq, 1]
-        dh = jnp.sum(doh.astype(jnp.float32) * oh.astype(jnp.float32), axis=-1, keepdims=True)  # 2-D: see _rows2d
+        dh = jnp.sum(doh.astype(jnp.float32) * oh.astype(jnp.float32), axis=-1, keepdims=True)  # 2-D, _rows2d
         p = jnp.exp(_head_scores(qh, kh, scale) - lseh)                       # [Lq, Lk] float32
         dv = p.astype(doh.dtype).T @ doh
         dp = jnp.einsum("qd,kd->qk", doh, vh, preferred_element_type=jnp.float32)
