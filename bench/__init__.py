@@ -14,6 +14,12 @@ from typing import Callable, Mapping
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def rss_mb() -> float:
+    """This process's current resident set size in MB (``/proc/self/statm``)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def timed(fn: Callable[[], object]) -> float:
     """Seconds of one call (``fn`` must block until its result is ready)."""
     t0 = time.perf_counter()

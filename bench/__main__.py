@@ -70,12 +70,6 @@ def vae_rows(res):
     if _num(res, "whole_vs_streaming_peak_ratio") is not None:
         why += f"; unstreamed (all frames in one step) / streamed at 21 frames {res['whole_vs_streaming_peak_ratio']:.2f}"
     ok = r <= 1.15
-    peaks = {v.get("peak_rss_mb") for v in runs.values()}
-    if len(peaks) == 1 and short.get("rss_after_warmup_mb") and next(iter(peaks)) > 2 * short["rss_after_warmup_mb"]:
-        why += (f"; NOTE: every run (each with a 2-frame warm-up first) has the same lifetime peak "
-                f"({next(iter(peaks)):.0f} MB) against {short['rss_after_warmup_mb']:.0f} MB resident after warm-up: "
-                f"a transient reached already in warm-up (compile or one chunk's scratch), constant in length as "
-                f"streaming should be, but large for this frame size")
     if not ok:
         why += "; MISS: memory grows with the length (see docs/vae.md)"
     return [row("5. VAE streaming decode peak memory, 81 vs 21 latent frames",

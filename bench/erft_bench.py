@@ -17,27 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if __package__ in (None, ""):
+    sys.path.insert(0, REPO)
+
+from bench import median_time, rss_mb  # noqa: E402
+
 REAL_SHAPE = (21, 60, 104, 16)
-
-
-def _median_time(fn, reps):
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    ts.sort()
-    return ts[len(ts) // 2]
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _dense_forward_time(shape, width, reps):
@@ -65,7 +53,7 @@ def _dense_forward_time(shape, width, reps):
 
     x = jnp.asarray(rng.normal(size=shape), jnp.float32)
     forward(params, x).block_until_ready()
-    t = _median_time(lambda: forward(params, x).block_until_ready(), reps)
+    t = median_time(lambda: forward(params, x).block_until_ready(), reps, warmup=0)["median"]
     flops = 2 * tokens * (feat * width * 2 + 2 * 2 * width * 4 * width)
     return dict(seconds=t, tokens=tokens, width=width, gflop=flops / 1e9)
 
@@ -77,9 +65,9 @@ def _bank_times(shape, capacity, dtype, reps):
     import numpy as np
 
     from svi_jax import erft
+    from svi_jax.convert.common import peak_rss_mb
 
-    sys.path.insert(0, REPO)
-    rss0 = _rss_mb()
+    rss0 = rss_mb()
     bank = erft.init_bank(2, capacity, shape, dtype)
     # grid 0 full (distance scan on insert), grid 1 with one entry (plain append; count reset every call)
     bank = bank._replace(count=jnp.array([capacity, 1], jnp.int32))
@@ -109,9 +97,9 @@ def _bank_times(shape, capacity, dtype, reps):
                      ("sample_s", lambda: smp(state["bank"], key, 0)[0].block_until_ready()),
                      ("sample_pooled_s", lambda: pooled(state["bank"], key)[0].block_until_ready())):
         fn()  # compile
-        out[name] = _median_time(fn, reps)
-    out["rss_over_bank_mb"] = _rss_mb() - rss0 - bank_mb
-    out["process_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        out[name] = median_time(fn, reps, warmup=0)["median"]
+    out["rss_over_bank_mb"] = rss_mb() - rss0 - bank_mb
+    out["process_peak_rss_mb"] = peak_rss_mb()
     out["bank_mb_allocated"] = bank_mb
     assert int(state["bank"].count[0]) == capacity
     del state
@@ -140,7 +128,6 @@ def _storage_error(shape):
 
 
 def run(quick: bool) -> dict:
-    sys.path.insert(0, REPO)
     import jax.numpy as jnp
 
     from svi_jax import erft

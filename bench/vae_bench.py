@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Peak memory and time of the streaming VAE decode for 1+4*80 vs 1+4*20 frames (81 vs 21 latent frames).
 
-Each measurement runs in its own subprocess and reads the process's peak RSS (``ru_maxrss``; XLA:CPU has no
+Each measurement runs in its own subprocess and reads the process's peak RSS (``VmHWM``; XLA:CPU has no
 device memory statistics). Weights are random (memory and time do not depend on them).
 
     python bench/vae_bench.py            # Wan2.1 VAE (127M params) at 64x64 pixels
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -27,15 +26,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHORT, LONG = 1 + 20, 1 + 80  # latent frames <-> 1+4*20 = 81 and 1+4*80 = 321 video frames
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def _worker(a) -> dict:
     import numpy as np
 
     sys.path.insert(0, REPO)
+    from bench import rss_mb
+    from svi_jax.convert.common import peak_rss_mb
     from svi_jax.models.vae import VAE, VAEConfig, wan21_config
 
     if a.tiny:
@@ -49,7 +45,7 @@ def _worker(a) -> dict:
     chunk = None if a.mode == "whole" else 1
     # Warm-up on the same shapes as the measured run (compiles the first-chunk and step functions).
     vae.decode(z[:, : (a.latent_frames if a.mode == "whole" else 2)], chunk=chunk, progress=False)
-    ready = _rss_mb()
+    ready = rss_mb()
     t0 = time.perf_counter()
     if a.mode == "iter":
         n = 0
@@ -60,7 +56,7 @@ def _worker(a) -> dict:
         x = vae.decode(z, chunk=chunk, progress=False)
         n, out_mb = x.shape[1], x.nbytes / 2**20
     dt = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    peak = peak_rss_mb()
     params_mb = sum(v.nbytes for v in __import__("jax").tree.leaves(vae.params)) / 2**20
     return {"mode": a.mode, "latent_frames": a.latent_frames, "video_frames": n, "height": a.height,
             "width": a.width, "peak_rss_mb": round(peak, 1), "rss_after_warmup_mb": round(ready, 1),

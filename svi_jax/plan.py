@@ -342,7 +342,6 @@ def plan(args) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from svi_jax import lora as lora_lib
     from svi_jax import sharding, train
     from svi_jax.models.dit import DiTConfig, param_shapes
     from svi_jax.pipeline import LatentConditioner

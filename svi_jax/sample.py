@@ -40,7 +40,7 @@ import numpy as np
 
 from svi_jax import video_io
 from svi_jax.conditioning import build_y
-from svi_jax.sampler import NEGATIVE_PROMPT, make_sampler
+from svi_jax.sampler import NEGATIVE_PROMPT, make_sampler, resolve_cfg_batch
 
 log = logging.getLogger("svi_jax.sample")
 
@@ -215,7 +215,7 @@ class LongVideoSampler:
     def __init__(self, config, *, lora: Optional[str] = None, lora_scale: float = 1.0, num_steps: int = 50,
                  shift: float = 5.0, cfg_scale: float = 5.0, solver: str = "euler", chain: str = "pixel",
                  motion_frames: Optional[int] = None, pad: Optional[str] = None, negative_prompt: str = NEGATIVE_PROMPT,
-                 dit_params=None, on_step: Optional[Callable[[int], None]] = None, cfg_batch: bool = True):
+                 dit_params=None, on_step: Optional[Callable[[int], None]] = None, cfg_batch: Optional[bool] = None):
         from svi_jax import pipeline
         from svi_jax.models.dit import DiTConfig
 
@@ -261,9 +261,9 @@ class LongVideoSampler:
         if self.codec.z_dim != self.dit_config.out_dim:
             raise ValueError(f"VAE z_dim {self.codec.z_dim} != DiT out_dim {self.dit_config.out_dim}")
 
-        self.cfg_batch = bool(cfg_batch)
+        self.cfg_batch = resolve_cfg_batch(cfg_batch)
         self.sample_fn = make_sampler(self.dit_config, self.num_steps, self.shift, self.cfg_scale, solver,
-                                      cfg_batch=cfg_batch, on_step=on_step)
+                                      cfg_batch=self.cfg_batch, on_step=on_step)
         self._text = jax.jit(self._text_fn)
         self._cond = jax.jit(self._cond_fn)
         self._clip = jax.jit(self._clip_fn)
@@ -693,9 +693,9 @@ def _define_flags():
     flags.DEFINE_integer("seed", 0, "Base seed; clip k uses seed + k * seed_times.")
     flags.DEFINE_integer("seed_times", 42, "Seed stride between clips (official default 42).")
     flags.DEFINE_float("cfg_scale", 5.0, "Text classifier-free guidance scale; 1 = conditional pass only.")
-    flags.DEFINE_bool("cfg_batch", True, "Run the conditional and unconditional passes as one batch-2 forward "
-                      "(the usual win on GPU/TPU); --nocfg_batch: two forwards (same result; measured 6-18% "
-                      "faster on CPU, see docs/sampling.md).")
+    flags.DEFINE_bool("cfg_batch", None, "--cfg_batch: run the conditional and unconditional passes as one batch-2 "
+                      "forward (the usual win on GPU/TPU); --nocfg_batch: two forwards (same result; measured 5-13% "
+                      "faster on CPU, see docs/benchmarks.md). Default: two forwards on CPU, batched elsewhere.")
     flags.DEFINE_integer("num_steps", 50, "Denoising steps per clip.")
     flags.DEFINE_float("shift", 5.0, "Flow-matching sigma shift.")
     flags.DEFINE_enum("solver", "euler", ["euler", "unipc"], "euler: the official DiffSynth sampler; unipc: Wan's "

@@ -7,8 +7,10 @@
   prompt / negative prompt (``[B or 1, L, text_dim]``; lengths may differ, they are zero-padded as the DiT does);
   ``clip_fea [B or 1, 257, image_dim]`` and ``y [B or 1, F, h, w, 4 + C]`` the I2V conditioning (``None`` for T2V).
 * Classifier-free guidance ``v = v_u + s (v_c - v_u)`` (the official ``cfg_scale['text']``): the conditional and
-  unconditional passes run as one forward of batch ``2B`` (``cfg_batch=False``: two forwards, for comparison); with
-  ``cfg_scale == 1`` only the conditional pass runs.
+  unconditional passes run as one forward of batch ``2B`` (``cfg_batch=True``) or as two forwards
+  (``cfg_batch=False``); the default ``None`` picks by backend: two forwards on CPU, where the batch-2 forward
+  measured 5-13% slower (``docs/benchmarks.md``), one batch-2 forward on GPU/TPU. With ``cfg_scale == 1`` only the
+  conditional pass runs.
 * ``solver='euler'``: the official DiffSynth sampler, ``FlowMatchScheduler(shift, sigma_min=0, extra_one_step=True)``
   -- the grid :func:`svi_jax.flow.sigmas` and Euler steps ``x += v (s_next - s)`` down to sigma 0.
   ``solver='unipc'``: Wan's ``FlowUniPCMultistepScheduler`` (order 2, bh2, x0-prediction, predictor-corrector,
@@ -176,8 +178,13 @@ def integrate(velocity: Callable, x, sigmas, solver: str = "euler", on_step: Opt
     return jax.lax.fori_loop(0, n, body_unipc, (x, zeros, zeros, zeros))[0]
 
 
+def resolve_cfg_batch(cfg_batch: Optional[bool]) -> bool:
+    """``None`` -> batch the CFG passes unless the default backend is the CPU (see the module doc)."""
+    return jax.default_backend() != "cpu" if cfg_batch is None else bool(cfg_batch)
+
+
 def make_sampler(dit_config, num_steps: int = 50, shift: float = flow.DEFAULT_SHIFT, cfg_scale: float = 5.0,
-                 solver: str = "euler", *, cfg_batch: bool = True, on_step: Optional[Callable[[int], None]] = None,
+                 solver: str = "euler", *, cfg_batch: Optional[bool] = None, on_step: Optional[Callable[[int], None]] = None,
                  jit: bool = True):
     """A jitted ``sample(params, noise, context, neg_context, clip_fea, y, lora=None) -> latents`` (see module doc)."""
     from svi_jax.models.dit import WanDiT
@@ -187,6 +194,7 @@ def make_sampler(dit_config, num_steps: int = 50, shift: float = flow.DEFAULT_SH
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     module = WanDiT(dit_config)
+    cfg_batch = resolve_cfg_batch(cfg_batch)
     cfg_scale = float(cfg_scale)
     guided = cfg_scale != 1.0
     grid = euler_sigmas(num_steps, shift) if solver == "euler" else unipc_sigmas(num_steps, shift)

@@ -33,7 +33,6 @@ ERFT banks on a mesh (``config.erft.bank_mode``):
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from typing import Any, Callable, Mapping, Optional

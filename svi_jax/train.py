@@ -28,7 +28,6 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from svi_jax import flow, sharding

@@ -11,7 +11,7 @@ import pytest
 import svi_jax
 from svi_jax import lora as L
 from svi_jax.checkpoint import flatten
-from svi_jax.models.dit import DiT, DiTConfig, WanDiT, init_params
+from svi_jax.models.dit import DiTConfig, WanDiT, init_params
 from tests.torch_ref import max_rel_err
 
 CFG = DiTConfig(model_type="i2v", dim=24, num_layers=2, num_heads=2, ffn_dim=40, freq_dim=16, text_dim=20, text_len=8,

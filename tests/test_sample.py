@@ -152,8 +152,11 @@ def test_cfg_matches_the_official_two_pass_loop(env):
     np.testing.assert_allclose(out1, ref1, rtol=2e-5, atol=2e-5)            # CFG 1 = the conditional pass only
     out1b = f1(s.params, noise, ctx, ctx * 0 + 3.0, clip, y)
     np.testing.assert_array_equal(out1, out1b)                              # ... the negative prompt is unused
-    out5 = s.sample_fn(s.params, noise, ctx, neg, clip, y)                  # batched cond + uncond
-    np.testing.assert_allclose(out5, ref5, rtol=2e-5, atol=2e-5)
+    assert s.cfg_batch is (jax.default_backend() != "cpu")                   # default: two passes on CPU
+    for batch in (True, False):                                             # batched cond + uncond, two passes
+        out5 = make_sampler(s.dit_config, STEPS, 5.0, cfg_scale=5.0, cfg_batch=batch)(s.params, noise, ctx, neg,
+                                                                                       clip, y)
+        np.testing.assert_allclose(out5, ref5, rtol=2e-5, atol=2e-5)
     assert float(jnp.max(jnp.abs(out5 - out1))) > 1e-3                      # guidance does something here
 
 

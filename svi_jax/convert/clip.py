@@ -160,8 +160,6 @@ def infer_config(src: TensorSource, layout: str, prefix: str, num_heads: int | N
 
 def convert(src_path: str, dtype: str = "auto", num_heads: int | None = None):
     """-> ``(config dict, flat params {path: np.ndarray})``."""
-    import torch
-
     from svi_jax.checkpoint import flatten
     from svi_jax.models.clip import CLIPConfig, param_shapes
 

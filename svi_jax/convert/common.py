@@ -234,6 +234,18 @@ def progress(iterable, total=None, desc="converting"):
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident set size in MB.
+
+    Reads ``VmHWM`` from ``/proc/self/status`` (the high-water mark of this process's own address space).
+    ``getrusage().ru_maxrss`` is only the fallback: Linux carries it across ``fork`` + ``exec``, so a subprocess
+    started from a 15 GB parent reports 15 GB whatever it does itself."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
