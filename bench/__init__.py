@@ -28,7 +28,8 @@ def timed(fn: Callable[[], object]) -> float:
 
 
 def interleaved(fns: Mapping[str, Callable[[], object]], reps: int = 5, warmup: int = 1) -> dict:
-    """Time several functions round-robin (``a b c a b c ...``) so machine load hits every side alike.
+    """Time several functions round-robin so machine load hits every side alike; the order rotates every round
+    (``a b c, b c a, c a b, ...``) so that no function always runs first or always follows the same one.
 
     Returns ``{name: {"median", "min", "max", "spread", "times"}}`` (seconds; ``spread`` = (max - min) / median) and,
     under ``"_pairs"``, the per-round ratios of every name to the first one (their median is a second, noise-robust
@@ -39,8 +40,8 @@ def interleaved(fns: Mapping[str, Callable[[], object]], reps: int = 5, warmup: 
         for n in names:
             fns[n]()
     times = {n: [] for n in names}
-    for _ in range(reps):
-        for n in names:
+    for r in range(reps):
+        for n in names[r % len(names):] + names[:r % len(names)]:
             times[n].append(timed(fns[n]))
     out = {}
     for n, ts in times.items():

@@ -215,7 +215,8 @@ class LongVideoSampler:
     def __init__(self, config, *, lora: Optional[str] = None, lora_scale: float = 1.0, num_steps: int = 50,
                  shift: float = 5.0, cfg_scale: float = 5.0, solver: str = "euler", chain: str = "pixel",
                  motion_frames: Optional[int] = None, pad: Optional[str] = None, negative_prompt: str = NEGATIVE_PROMPT,
-                 dit_params=None, on_step: Optional[Callable[[int], None]] = None, cfg_batch: Optional[bool] = None):
+                 dit_params=None, dit_config=None, on_step: Optional[Callable[[int], None]] = None,
+                 cfg_batch: Optional[bool] = None):
         from svi_jax import pipeline
         from svi_jax.models.dit import DiTConfig
 
@@ -239,7 +240,8 @@ class LongVideoSampler:
         self.num_steps, self.shift, self.cfg_scale, self.solver = int(num_steps), float(shift), float(cfg_scale), solver
         self.negative_prompt = negative_prompt
 
-        mcfg = dict(config.model.to_dict(), remat_policy="none")     # inference: nothing to rematerialise
+        mcfg = dict(config.model.to_dict() if dit_config is None else dit_config.to_dict(),
+                    remat_policy="none")                            # inference: nothing to rematerialise
         self.dit_config = DiTConfig.from_dict(mcfg)
         if dit_params is None:
             from svi_jax.train import load_frozen_params
@@ -347,6 +349,22 @@ class LongVideoSampler:
             n = motion_latent_frames(self.m)
             lat = np.asarray(jax.device_get(latents)[0, -n:], np.float32)
         return ChainState(state.clip + 1, np.ascontiguousarray(frames_u8[self.T - self.m:]), lat)
+
+    def rollout(self, reference_u8: np.ndarray, prompts: Sequence[str], seed: int = 0, seed_times: int = 42,
+                repeat_first_clip: bool = False) -> np.ndarray:
+        """The stitched uint8 video ``[total_frames(len(prompts)), H, W, 3]`` in memory, no files: the same clips,
+        seeds and stitching as :func:`generate` (which adds the files, the resume state and the timings)."""
+        state = self.initial_state(reference_u8, repeat_first_clip)
+        parts = []
+        for k, prompt in enumerate(prompts):
+            y, clip_fea = self.conditioning(state, reference_u8)
+            latents = self.sample(prompt, y, clip_fea, clip_seed(seed, k, seed_times))
+            frames = self.decode(latents)
+            parts.append(frames[: self.new_frames_per_clip])
+            state = self.next_state(state, frames, latents)
+        if parts:
+            parts.append(frames[self.new_frames_per_clip:])
+        return np.concatenate(parts) if parts else np.zeros((0, self.H, self.W, 3), np.uint8)
 
     @property
     def new_frames_per_clip(self) -> int:

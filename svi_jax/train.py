@@ -174,7 +174,7 @@ def make_train_step(config, prepare: Callable[[Any, dict, jax.Array], dict]):
         new["nonfinite_run"] = jnp.where(ok, 0, state["nonfinite_run"] + 1)
         new["nonfinite_total"] = state["nonfinite_total"] + (~ok).astype(jnp.int32)
         metrics = {"loss": loss, "grad_norm": gnorm, "skipped": (~ok).astype(jnp.float32),
-                   "t_mean": jnp.mean(t)}
+                   "t_mean": jnp.mean(t), "nonfinite_run": new["nonfinite_run"]}
         if use_erft:
             for name in ("noise", "latent"):
                 metrics[f"bank_fill_{name}"] = jnp.mean(new["banks"][name].count) / cap
@@ -387,30 +387,44 @@ class Trainer:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True, disable=not progress)
-        last = time.time()
+        last = {"t": time.time()}
         summary = {"start_step": start}
+        # Metrics are fetched one step late: step k+1 is dispatched (and its batch prepared) before the host waits for
+        # step k's numbers, so the host never idles the device. The step counter is kept on the host (no sync).
+        pending: list = []
+
+        def report():
+            if not pending:
+                return
+            step, metrics = pending.pop()
+            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            nonfinite_run = int(m.pop("nonfinite_run"))
+            now = time.time()
+            m.update(step=step, lr=float(self.config.optim.lr), steps_per_s=1.0 / max(now - last["t"], 1e-9))
+            last["t"] = now
+            self._log(m)
+            bar.update(1)
+            post = {"loss": f"{m['loss']:.4f}", "it/s": f"{m['steps_per_s']:.2f}"}
+            if "bank_fill_latent" in m:
+                post["bank"] = f"{100 * m['bank_fill_latent']:.1f}%"
+            bar.set_postfix(post)
+            if nonfinite_run >= c.max_nonfinite:
+                raise FloatingPointError(
+                    f"{nonfinite_run} non-finite steps in a row (loss or gradient was NaN/inf) at step {step}; the "
+                    f"last good state is in the latest checkpoint. Lower optim.lr or check the data.")
+
         try:
-            while int(self.state["step"]) < total and not stop["flag"]:
+            step = start
+            while step < total and not stop["flag"]:
                 batch = self.device_batch(next(self.data))
                 self.state, metrics = self.step_fn(self.state, batch)
-                step = int(self.state["step"])
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                now = time.time()
-                m.update(step=step, lr=float(self.config.optim.lr), steps_per_s=1.0 / max(now - last, 1e-9))
-                last = now
-                self._log(m)
-                bar.update(1)
-                post = {"loss": f"{m['loss']:.4f}", "it/s": f"{m['steps_per_s']:.2f}"}
-                if "bank_fill_latent" in m:
-                    post["bank"] = f"{100 * m['bank_fill_latent']:.1f}%"
-                bar.set_postfix(post)
-                if int(self.state["nonfinite_run"]) >= c.max_nonfinite:
-                    raise FloatingPointError(
-                        f"{int(self.state['nonfinite_run'])} non-finite steps in a row (loss or gradient was NaN/inf) "
-                        f"at step {step}; the last good state is in the latest checkpoint. Lower optim.lr or check "
-                        f"the data.")
+                step += 1
+                report()                                   # the previous step's numbers, while this one runs
+                pending.append((step, metrics))
                 if step % c.ckpt_every == 0:
+                    report()                               # a checkpoint waits for the step anyway
                     self.save()
+            report()
             self.save(force=True)
         finally:
             bar.close()

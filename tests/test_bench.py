@@ -78,11 +78,11 @@ def test_table_written_between_markers_keeping_the_rest(quick_run):
     assert open(doc).read() == text
 
 
-def test_interleaved_runs_round_robin():
+def test_interleaved_runs_round_robin_in_rotating_order():
     calls = []
     fns = {n: (lambda n=n: calls.append(n)) for n in ("a", "b", "c")}
     t = interleaved(fns, reps=5, warmup=2)
-    assert calls == ["a", "b", "c"] * 7
+    assert calls == ["a", "b", "c"] * 2 + ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c", "b", "c", "a"]
     for n in "abc":
         assert len(t[n]["times"]) == 5 and t[n]["min"] <= t[n]["median"] <= t[n]["max"]
     assert set(t["_pairs"]) == {"b", "c"}

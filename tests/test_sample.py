@@ -280,6 +280,13 @@ def shot_run(env, tmp_path_factory):
     return out, summary
 
 
+def test_in_memory_rollout_equals_the_generated_video(env, shot_run):
+    """``LongVideoSampler.rollout`` (what the drift experiment runs) makes the same frames as ``generate``."""
+    out, _ = shot_run
+    schedule = S.schedule_prompts(env["prompts"], 3, cycle=True)
+    np.testing.assert_array_equal(env["shot"].rollout(env["ref"], schedule, seed=0), S.Output(out).read_lossless())
+
+
 def test_frame_count_and_outputs(env, shot_run, film, tmp_path):
     out, summary = shot_run
     n = 3 * (T - 1) + 1                                           # every clip but the last gives up 1 frame

@@ -103,11 +103,12 @@ def test_nonfinite_updates_are_skipped_and_stop_the_run(dataset, tmp_path):
     # poison the frozen DiT: every loss is NaN
     t.state["params"]["dit"]["head"]["head"]["kernel"] = t.state["params"]["dit"]["head"]["head"]["kernel"] * np.nan
     lora_before = jax.tree.map(np.array, t.state["lora"])
-    with pytest.raises(FloatingPointError, match="3 non-finite steps in a row"):
+    with pytest.raises(FloatingPointError, match="3 non-finite steps in a row .* at step 3;"):
         t.run(progress=False)
     for k, v in flatten(lora_before).items():
         np.testing.assert_array_equal(np.asarray(flatten(t.state["lora"])[k]), v)
-    assert int(t.state["nonfinite_total"]) == 3
+    # metrics are read one step late: step 3's arrive after step 4 was dispatched (and skipped too)
+    assert int(t.state["nonfinite_total"]) == 4
     t.close()
 
 

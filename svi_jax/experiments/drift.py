@@ -9,7 +9,8 @@ Stages (each skipped when its output exists, so an interrupted run continues):
 3. loras    from the same base, the same number of steps each: ``plain`` (no errors), ``erft`` (Shot settings),
             ``no_image_error``, ``no_latent_noise_error`` (paper Tab. 4), ``handcrafted`` (degraded condition frames
             instead of banked errors, Tab. 7); Film-setting LoRAs (5 motion frames, zero padding) for ``film_variants``;
-4. rollouts each model chained for ``num_clips`` clips from held-out pictures (pictures never seen in training), Shot
+4. rollouts each model chained for ``num_clips`` clips from held-out pictures (pictures never seen in training) by
+            ``svi_jax.sample.LongVideoSampler.rollout`` (the sampler users run; clip k has seed ``seed + 42 k``), Shot
             chaining (and Film for the Film LoRAs), for every seed;
 5. metrics  svi_jax.eval.drift per clip against the reference image and the ground-truth continuation;
 6. report   ``report.md`` + ``drift.png`` + ``results.json`` in the workdir (``--report`` also writes the markdown
@@ -134,7 +135,8 @@ def stage_rollouts(config, workdir: str, base_dit: str, runs: dict) -> dict:
     """Chain every model from every held-out start; returns {model: [result per (case, seed)]}."""
     from svi_jax.data import synthetic
     from svi_jax.eval import drift
-    from svi_jax.experiments.rollout import Roller
+    from svi_jax.models.dit import DiT
+    from svi_jax.sample import LongVideoSampler
 
     e, d = config.experiment, config.data
     models = [("base", None, False)] + [(k, r["lora"], r["film"]) for k, r in runs.items()]
@@ -147,16 +149,19 @@ def stage_rollouts(config, workdir: str, base_dit: str, runs: dict) -> dict:
         if os.path.exists(path):
             out[name] = json.load(open(path))
             continue
-        roller = Roller(config, base_dit, lora, film=film, num_steps=e.sample_steps, cfg_scale=e.cfg_scale)
+        dit = DiT.from_dir(base_dit, lora=lora)          # Shot: 1 motion frame, reference padding; Film: 5, zeros
+        sampler = LongVideoSampler(config, dit_params=dit.params, dit_config=dit.config, num_steps=e.sample_steps,
+                                   cfg_scale=e.cfg_scale, motion_frames=5 if film else 1,
+                                   pad="zero" if film else "ref")
         results = []
         for case in heldout_cases(config):
-            total = roller.total_frames(e.num_clips)
+            total = sampler.total_frames(e.num_clips)
             truth = synthetic.make_sequence(case["image"], total, d.height, d.width, case["seed"],
                                             motion=case["motion"], sprite=case["sprite"])
             for seed in e.seeds:
-                frames = roller.rollout(truth[0], case["caption"], e.num_clips, seed)
-                r = drift.per_clip(frames, truth[0], roller.new_frames_per_clip, truth,
-                                   roller.first_clip_frames)
+                frames = sampler.rollout(truth[0], [case["caption"]] * e.num_clips, seed)
+                r = drift.per_clip(frames, truth[0], sampler.new_frames_per_clip, truth,
+                                   sampler.new_frames_per_clip)
                 r.update(case=case["image"], seed=seed)
                 results.append(r)
                 if seed == e.seeds[0]:   # keep one rollout per model and start for looking at
