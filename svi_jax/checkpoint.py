@@ -136,3 +136,28 @@ def load_params(directory: str, expected, what: str | None = None):
     check_tree(expected, stored, what or f"checkpoint {directory}")
     # Restore in the stored dtypes; casting is the caller's choice.
     return ckptr.restore(params_dir, stored)
+
+
+def load_model_dir(directory: str, kind: str, config_cls, shapes_fn, what: str, dtype=None, param_dtype=None,
+                   **overrides):
+    """``(config, params)`` of a model directory of ``kind``: the params checked against ``shapes_fn(config)``, kept
+    in their stored dtype unless ``param_dtype`` is given; ``dtype`` (compute) and the non-``None`` ``overrides``
+    replace config fields (a dataclass with ``from_dict``)."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from svi_jax.models.layers import dtype_of
+
+    meta = read_meta(directory)
+    if meta["kind"] != kind:
+        raise CheckpointError(f"{directory} holds a {meta['kind']!r} model, not {kind!r}")
+    cfg = config_cls.from_dict(meta["config"])
+    params = load_params(directory, shapes_fn(cfg), what=f"{what} checkpoint {directory}")
+    stored = jax.tree.leaves(params)[0].dtype
+    over = {"param_dtype": jnp.dtype(dtype_of(param_dtype) if param_dtype is not None else stored).name}
+    if dtype is not None:
+        over["dtype"] = jnp.dtype(dtype_of(dtype)).name
+    over.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = dataclasses.replace(cfg, **over)
+    return cfg, jax.tree.map(lambda a: jnp.asarray(a, dtype_of(cfg.param_dtype)), params)

@@ -1,9 +1,7 @@
 """CLIP vision tower: parity with transformers CLIPVisionModel hidden_states[-2] (+ Wan's preprocessing)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 
 import numpy as np
 import pytest
@@ -17,22 +15,11 @@ import svi_jax  # noqa: E402
 from svi_jax.checkpoint import flatten  # noqa: E402
 from svi_jax.convert.common import ConversionError  # noqa: E402
 from svi_jax.models.clip import OPENAI_MEAN, OPENAI_STD, CLIPConfig, CLIPVision, preprocess  # noqa: E402
+from tests.torch_ref import from_torch_cli, max_rel_err  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=3, image_size=42,
             patch_size=14, hidden_act="gelu", layer_norm_eps=1e-5)
 
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
-
-
-def cli(*argv) -> int:
-    spec = importlib.util.spec_from_file_location("from_torch", os.path.join(ROOT, "convert", "from_torch.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.main([str(a) for a in argv])
 
 
 def official_state_dict(hf_sd: dict, num_layers: int) -> dict:
@@ -82,7 +69,7 @@ def ref(tmp_path_factory):
 @pytest.fixture(scope="module")
 def converted(ref, tmp_path_factory):
     dst = tmp_path_factory.mktemp("clip_ours")
-    assert cli("clip", "--src", ref[1], "--dst", dst) == 0
+    assert from_torch_cli("clip", "--src", ref[1], "--dst", dst) == 0
     return str(dst)
 
 
@@ -121,12 +108,12 @@ def test_parity_transformers_layout(ref, converted):
         x = images(shape, seed=shape[1])
         out = enc.encode(x)
         want = wan_reference(model, x, 42)
-        err = rel_err(out, want)
+        err = max_rel_err(out, want)
         print(f"CLIP transformers-layout parity {shape}: max rel err {err:.2e}")
         assert out.shape == (shape[0], 10, 48)
         assert err <= 1e-4
     out16 = svi_jax.load(converted, dtype="bfloat16", param_dtype="bfloat16").encode(x)
-    assert out16.dtype == jnp.bfloat16 and rel_err(out16, want) < 3e-2
+    assert out16.dtype == jnp.bfloat16 and max_rel_err(out16, want) < 3e-2
 
 
 def test_parity_official_layout(ref, converted, tmp_path):
@@ -137,7 +124,7 @@ def test_parity_official_layout(ref, converted, tmp_path):
     (src / "config.json").write_text(json.dumps({"dim": 5120, "num_layers": 40}))   # the DiT's, must be ignored
     torch.save(sd, src / "clip.pth")
     dst = tmp_path / "ours"
-    assert cli("clip", "--src", src / "clip.pth", "--dst", dst, "--num-heads", 3) == 0
+    assert from_torch_cli("clip", "--src", src / "clip.pth", "--dst", dst, "--num-heads", 3) == 0
     ours, theirs = svi_jax.load(str(dst)), svi_jax.load(converted)
     assert ours.config == theirs.config
     a, b = flatten(ours.params), flatten(theirs.params)
@@ -145,7 +132,7 @@ def test_parity_official_layout(ref, converted, tmp_path):
     for k in a:
         np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
     x = images((2, 50, 30, 3), seed=5)
-    err = rel_err(ours.encode(x), wan_reference(model, x, 42))
+    err = max_rel_err(ours.encode(x), wan_reference(model, x, 42))
     print(f"CLIP official-layout parity: max rel err {err:.2e}")
     assert err <= 1e-4
 
@@ -161,7 +148,7 @@ def test_prefixed_clipmodel_layout(ref, converted, tmp_path):
     save_file(sd, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "clip", "vision_config": {**TINY}}))
     dst = tmp_path / "ours"
-    assert cli("clip", "--src", tmp_path, "--dst", dst) == 0
+    assert from_torch_cli("clip", "--src", tmp_path, "--dst", dst) == 0
     a, b = flatten(svi_jax.load(str(dst)).params), flatten(svi_jax.load(converted).params)
     for k in b:
         np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
@@ -202,5 +189,5 @@ def test_bad_checkpoints(ref, tmp_path, capsys):
     assert "at least 2" in attempt(one, "one", num_heads=3)
     assert "does not look like a CLIP" in attempt({"foo": torch.zeros(1)}, "unknown")
     torch.save(missing, tmp_path / "m.pth")
-    assert cli("clip", "--src", tmp_path / "m.pth", "--dst", tmp_path / "out", "--num-heads", 3) == 2
+    assert from_torch_cli("clip", "--src", tmp_path / "m.pth", "--dst", tmp_path / "out", "--num-heads", 3) == 2
     assert "visual.transformer.1.mlp.2.bias" in capsys.readouterr().err

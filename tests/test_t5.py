@@ -1,7 +1,6 @@
 """UMT5 encoder + tokenizer: parity with transformers UMT5EncoderModel through our converters (both layouts)."""
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -21,23 +20,12 @@ from svi_jax.checkpoint import flatten  # noqa: E402
 from svi_jax.convert.common import ConversionError  # noqa: E402
 from svi_jax.models.t5 import T5Encoder, relative_position_buckets  # noqa: E402
 from svi_jax.models.tokenizer import Tokenizer, clean_text  # noqa: E402
+from tests.torch_ref import from_torch_cli, max_rel_err  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT_LEN = 16
 TINY = dict(vocab_size=64, d_model=32, d_kv=6, num_heads=4, d_ff=40, num_layers=3, relative_attention_num_buckets=8,
             relative_attention_max_distance=12, feed_forward_proj="gated-gelu", dropout_rate=0.0)
 
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
-
-
-def cli(*argv) -> int:
-    spec = importlib.util.spec_from_file_location("from_torch", os.path.join(ROOT, "convert", "from_torch.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.main([str(a) for a in argv])
 
 
 def official_state_dict(hf_sd: dict, num_layers: int) -> dict:
@@ -102,7 +90,7 @@ def torch_ref(model, ids, mask):
 def converted(ref, tmp_path_factory):
     model, hf_dir = ref
     dst = tmp_path_factory.mktemp("umt5_ours")
-    assert cli("t5", "--src", hf_dir, "--dst", dst, "--text-len", TEXT_LEN) == 0
+    assert from_torch_cli("t5", "--src", hf_dir, "--dst", dst, "--text-len", TEXT_LEN) == 0
     return str(dst)
 
 
@@ -127,7 +115,7 @@ def test_parity_transformers_layout(ref, converted):
     ids, mask = padded_batch()
     emb, out_mask = enc.encode_ids(ids, mask)
     want = torch_ref(model, ids, mask)
-    err = rel_err(emb, want)
+    err = max_rel_err(emb, want)
     print(f"UMT5 transformers-layout parity: max rel err {err:.2e}")
     assert emb.shape == (4, TEXT_LEN, 32)
     assert err <= 1e-4
@@ -136,10 +124,10 @@ def test_parity_transformers_layout(ref, converted):
     assert np.abs(np.asarray(emb)[mask == 1]).min(axis=-1).max() > 0
     # a batch element does not depend on what it is batched with
     one, _ = enc.encode_ids(ids[1:2], mask[1:2])
-    assert rel_err(one[0], emb[1]) <= 1e-5
+    assert max_rel_err(one[0], emb[1]) <= 1e-5
     # bf16 (how Wan runs UMT5) stays close
     emb16, _ = svi_jax.load(converted, dtype="bfloat16", param_dtype="bfloat16").encode_ids(ids, mask)
-    assert emb16.dtype == jnp.bfloat16 and rel_err(emb16, want) < 3e-2
+    assert emb16.dtype == jnp.bfloat16 and max_rel_err(emb16, want) < 3e-2
 
 
 def test_parity_official_layout(ref, converted, tmp_path):
@@ -151,7 +139,7 @@ def test_parity_official_layout(ref, converted, tmp_path):
     (src / "config.json").write_text(json.dumps({"num_layers": 40, "dim": 5120, "_class_name": "WanModel"}))
     torch.save(sd, src / "models_t5_umt5-xxl-enc-bf16.pth")
     dst = tmp_path / "ours"
-    assert cli("t5", "--src", src / "models_t5_umt5-xxl-enc-bf16.pth", "--dst", dst, "--text-len", TEXT_LEN,
+    assert from_torch_cli("t5", "--src", src / "models_t5_umt5-xxl-enc-bf16.pth", "--dst", dst, "--text-len", TEXT_LEN,
                "--max-distance", 12) == 0
     ours, theirs = svi_jax.load(str(dst)), svi_jax.load(converted)
     assert ours.config == theirs.config
@@ -161,13 +149,13 @@ def test_parity_official_layout(ref, converted, tmp_path):
         np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
     ids, mask = padded_batch(1)
     emb, _ = ours.encode_ids(ids, mask)
-    err = rel_err(emb, torch_ref(model, ids, mask))
+    err = max_rel_err(emb, torch_ref(model, ids, mask))
     print(f"UMT5 official-layout parity: max rel err {err:.2e}")
     assert err <= 1e-4
 
     # bf16 official weights (as released) are kept in bf16 by default
     torch.save({k: v.to(torch.bfloat16) for k, v in sd.items()}, src / "bf16.pth")
-    assert cli("t5", "--src", src / "bf16.pth", "--dst", tmp_path / "bf16", "--max-distance", 12) == 0
+    assert from_torch_cli("t5", "--src", src / "bf16.pth", "--dst", tmp_path / "bf16", "--max-distance", 12) == 0
     enc16 = svi_jax.load(str(tmp_path / "bf16"))
     assert enc16.config.param_dtype == "bfloat16"
     np.testing.assert_array_equal(np.asarray(enc16.params["norm"]["scale"], np.float32),
@@ -212,7 +200,7 @@ def test_bad_checkpoints(ref, tmp_path, capsys):
     assert "does not look like a UMT5" in attempt({"foo.weight": torch.zeros(2)}, "unknown")
     # the CLI reports the error and exits with 2
     torch.save(missing, tmp_path / "m.pth")
-    assert cli("t5", "--src", tmp_path / "m.pth", "--dst", tmp_path / "out") == 2
+    assert from_torch_cli("t5", "--src", tmp_path / "m.pth", "--dst", tmp_path / "out") == 2
     assert "blocks.1.ffn.fc1.weight" in capsys.readouterr().err
     assert not (tmp_path / "out" / "config.json").exists()
 
@@ -263,14 +251,14 @@ def test_encode_texts_end_to_end(ref, tok_dirs, tmp_path):
     model, hf_dir = ref
     _, tok_dir = tok_dirs
     dst = tmp_path / "with_tok"
-    assert cli("t5", "--src", hf_dir, "--dst", dst, "--text-len", TEXT_LEN, "--tokenizer", tok_dir) == 0
+    assert from_torch_cli("t5", "--src", hf_dir, "--dst", dst, "--text-len", TEXT_LEN, "--tokenizer", tok_dir) == 0
     assert (dst / "tokenizer" / "tokenizer_config.json").exists()
     enc = svi_jax.load(str(dst))
     texts = ["a cat sits on the mat", "a red car"]
     emb, mask = enc.encode(texts)
     ids, mask_t = Tokenizer(tok_dir, TEXT_LEN)(texts)
     np.testing.assert_array_equal(np.asarray(mask), mask_t)
-    err = rel_err(emb, torch_ref(model, ids, mask_t))
+    err = max_rel_err(emb, torch_ref(model, ids, mask_t))
     print(f"UMT5 encode(texts) parity: max rel err {err:.2e}")
     assert err <= 1e-4
     # save() round trip keeps the tokenizer

@@ -6,10 +6,8 @@ weights only through the converter. Relative error = max|ours - ref| / max|ref| 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import inspect
 import json
-import os
 
 import numpy as np
 import pytest
@@ -24,8 +22,8 @@ from svi_jax.checkpoint import CheckpointError, flatten  # noqa: E402
 from svi_jax.convert import vae as conv  # noqa: E402
 from svi_jax.convert.common import ConversionError  # noqa: E402
 from svi_jax.models.vae import VAE, VAEConfig, encode_video, param_logical_axes, param_shapes  # noqa: E402
+from tests.torch_ref import from_torch_cli, max_rel_err  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4
 # Wan2.1's structure (4 levels, 2 res blocks, temporal (F, T, T), z_dim 16) at base width 8.
 CFG = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True])
@@ -34,12 +32,6 @@ CFG_SMALL = dict(base_dim=4, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, tempera
                  latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 2.0, 0.5, 1.0],
                  scale_factor_spatial=2, scale_factor_temporal=2)
 B, H, W = 2, 24, 40  # not square, not powers of two
-
-
-def rel_err(ours, ref) -> float:
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
 def make_torch_vae(cfg: dict, seed: int):
@@ -75,13 +67,6 @@ def ref_decode(model, z):
         return t2j(model.decode(j2t(z)).sample)
 
 
-def from_torch_cli():
-    spec = importlib.util.spec_from_file_location("from_torch", os.path.join(REPO, "convert", "from_torch.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.main
-
-
 @pytest.fixture(scope="module")
 def torch_vae():
     return make_torch_vae(CFG, seed=0)
@@ -98,7 +83,7 @@ def diffusers_dir(tmp_path_factory, torch_vae):
 def vae(tmp_path_factory, diffusers_dir):
     """Converted with the CLI, opened with svi_jax.load."""
     dst = str(tmp_path_factory.mktemp("jax_vae"))
-    assert from_torch_cli()(["vae", "--src", diffusers_dir, "--dst", dst]) == 0
+    assert from_torch_cli("vae", "--src", diffusers_dir, "--dst", dst) == 0
     model = svi_jax.load(dst)
     assert isinstance(model, VAE)
     return model
@@ -114,7 +99,7 @@ def test_encode_parity(vae, torch_vae, video, frames):
     x = video[:, :frames]
     z = vae.encode(x)
     assert z.shape == (B, 1 + (frames - 1) // 4, H // 8, W // 8, 16)
-    err = rel_err(z, ref_encode(torch_vae, x))
+    err = max_rel_err(z, ref_encode(torch_vae, x))
     print(f"encode T={frames}: max rel err {err:.2e}")
     assert err <= TOL
 
@@ -128,7 +113,7 @@ def test_decode_parity(vae, torch_vae, latent_frames):
     assert x.shape == (B, 1 + 4 * (latent_frames - 1), H, W, 3)
     assert np.abs(x).max() <= 1.0
     assert (np.abs(ref) < 0.999).mean() > 0.5  # the comparison is not dominated by clamping
-    err = rel_err(x, ref)
+    err = max_rel_err(x, ref)
     print(f"decode L={latent_frames}: max rel err {err:.2e}")
     assert err <= TOL
 
@@ -136,10 +121,10 @@ def test_decode_parity(vae, torch_vae, latent_frames):
 def test_streaming_equals_whole_sequence(vae, video):
     z_stream = vae.encode(video, chunk=1)
     z_whole = vae.encode(video, chunk=None)  # frames 1..8 in one step
-    e_enc = rel_err(z_whole, z_stream)
+    e_enc = max_rel_err(z_whole, z_stream)
     x_stream = vae.decode(z_stream, chunk=1, clamp=False)
     x_whole = vae.decode(z_stream, chunk=None, clamp=False)
-    e_dec = rel_err(x_whole, x_stream)
+    e_dec = max_rel_err(x_whole, x_stream)
     print(f"whole vs streaming: encode {e_enc:.2e}, decode {e_dec:.2e}")
     assert e_enc <= 1e-5 and e_dec <= 1e-5
     # iter_decode streams the same frames: first frame, then 4 per latent frame
@@ -150,7 +135,7 @@ def test_streaming_equals_whole_sequence(vae, video):
     np.testing.assert_array_equal(clamped, np.clip(x_stream, -1, 1))
     # the pure lax.scan version for use inside a jitted step (decode_video shares its scan helper)
     z_scan = jax.jit(functools.partial(encode_video, cfg=vae.config))(vae.params, video)
-    e_scan = rel_err(z_scan, z_stream)
+    e_scan = max_rel_err(z_scan, z_stream)
     print(f"lax.scan encode vs streaming: {e_scan:.2e}")
     assert e_scan <= 1e-5
 
@@ -186,7 +171,7 @@ def test_official_layout(tmp_path, torch_vae, vae):
         np.testing.assert_array_equal(conv.to_torch(ours[k], k), sd[conv.diffusers_key(k)].numpy(), err_msg=k)
     assert cfg == vae.config  # -> reuses the compiled functions below
     z = np.random.default_rng(5).standard_normal((B, 2, H // 8, W // 8, 16)).astype(np.float32)
-    err = rel_err(VAE(cfg, params).decode(z), ref_decode(torch_vae, z))
+    err = max_rel_err(VAE(cfg, params).decode(z), ref_decode(torch_vae, z))
     print(f"official layout decode: max rel err {err:.2e}")
     assert err <= TOL
 
@@ -221,7 +206,7 @@ def test_bad_checkpoints(tmp_path, torch_vae, capsys):
     with pytest.raises(ConversionError, match=r"unexpected key 'decoder\.extra_layer\.weight' \(shape \(3, 3\)\)"):
         conv.convert(src, show_progress=False)
     # the CLI reports it and exits with status 2
-    assert from_torch_cli()(["vae", "--src", src, "--dst", str(tmp_path / "out")]) == 2
+    assert from_torch_cli("vae", "--src", src, "--dst", str(tmp_path / "out")) == 2
     assert "decoder.extra_layer.weight" in capsys.readouterr().err
 
     with pytest.raises(ConversionError, match="cannot tell the VAE layout"):
@@ -275,10 +260,10 @@ def test_tiling_parity(tmp_path):
     model.enable_tiling(**tiles)
     ref_enc, ref_dec = ref_encode(model, video), ref_decode(model, z)
     # tiling really changes the result (so this tests the blending)
-    assert rel_err(plain_enc, ref_enc) > 1e-3 and rel_err(plain_dec, ref_dec) > 1e-3
+    assert max_rel_err(plain_enc, ref_enc) > 1e-3 and max_rel_err(plain_dec, ref_dec) > 1e-3
     z_tiled, x_tiled = tiled.encode(video, progress=False), tiled.decode(z, progress=False)
     assert z_tiled.shape == (1, 1, 2, 10, 4) and x_tiled.shape == (1, 1, 12, 20, 3)
-    e_enc, e_dec = rel_err(z_tiled, ref_enc), rel_err(x_tiled, ref_dec)
+    e_enc, e_dec = max_rel_err(z_tiled, ref_enc), max_rel_err(x_tiled, ref_dec)
     print(f"tiled: encode {e_enc:.2e}, decode {e_dec:.2e}")
     assert e_enc <= TOL and e_dec <= TOL
 

@@ -1,7 +1,20 @@
 """Helpers shared by the parity tests: tiny randomised PyTorch reference models and error metrics."""
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def from_torch_cli(*argv) -> int:
+    """Run ``convert/from_torch.py`` (a script, not a module) in this process; returns its exit code."""
+    spec = importlib.util.spec_from_file_location("from_torch", os.path.join(ROOT, "convert", "from_torch.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main([str(a) for a in argv])
 
 
 def max_rel_err(ours, ref) -> float:

@@ -225,21 +225,10 @@ class CLIPVision:
     @classmethod
     def from_dir(cls, directory: str, dtype=None, param_dtype=None, attn_impl: str | None = None) -> "CLIPVision":
         """Load a directory written by ``convert/from_torch.py clip`` or :meth:`save`."""
-        from svi_jax.checkpoint import CheckpointError, load_params, read_meta
+        from svi_jax.checkpoint import load_model_dir
 
-        meta = read_meta(directory)
-        if meta["kind"] != KIND:
-            raise CheckpointError(f"{directory} holds a {meta['kind']!r} model, not {KIND!r}")
-        cfg = CLIPConfig.from_dict(meta["config"])
-        params = load_params(directory, param_shapes(cfg), what=f"CLIP checkpoint {directory}")
-        stored = jax.tree.leaves(params)[0].dtype
-        over = {"param_dtype": jnp.dtype(dtype_of(param_dtype) if param_dtype is not None else stored).name}
-        if dtype is not None:
-            over["dtype"] = jnp.dtype(dtype_of(dtype)).name
-        if attn_impl is not None:
-            over["attn_impl"] = attn_impl
-        cfg = dataclasses.replace(cfg, **over)
-        params = jax.tree.map(lambda a: jnp.asarray(a, dtype_of(cfg.param_dtype)), params)
+        cfg, params = load_model_dir(directory, KIND, CLIPConfig, param_shapes, "CLIP", dtype, param_dtype,
+                                     attn_impl=attn_impl)
         return cls(cfg, params)
 
     def save(self, directory: str) -> str:

@@ -12,8 +12,7 @@ blocks (``nn.scan`` + ``nn.remat``); head with its own 2-row modulation; unpatch
 from __future__ import annotations
 
 import dataclasses
-import json
-from typing import Any, Optional
+from typing import Optional
 
 import einops
 import jax

@@ -200,21 +200,10 @@ class T5Encoder:
         ``dtype``: compute dtype (default: the config's); ``param_dtype``: cast the params (default: as stored).
         The tokenizer is ``tokenizer_dir`` or ``DIR/tokenizer``; it is only needed by :meth:`encode`.
         """
-        from svi_jax.checkpoint import CheckpointError, load_params, read_meta
+        from svi_jax.checkpoint import CheckpointError, load_model_dir
 
-        meta = read_meta(directory)
-        if meta["kind"] != KIND:
-            raise CheckpointError(f"{directory} holds a {meta['kind']!r} model, not {KIND!r}")
-        cfg = T5Config.from_dict(meta["config"])
-        params = load_params(directory, param_shapes(cfg), what=f"UMT5 checkpoint {directory}")
-        stored = jax.tree.leaves(params)[0].dtype
-        over = {"param_dtype": jnp.dtype(dtype_of(param_dtype) if param_dtype is not None else stored).name}
-        if dtype is not None:
-            over["dtype"] = jnp.dtype(dtype_of(dtype)).name
-        if text_len is not None:
-            over["text_len"] = int(text_len)
-        cfg = dataclasses.replace(cfg, **over)
-        params = jax.tree.map(lambda a: jnp.asarray(a, dtype_of(cfg.param_dtype)), params)
+        cfg, params = load_model_dir(directory, KIND, T5Config, param_shapes, "UMT5", dtype, param_dtype,
+                                     text_len=None if text_len is None else int(text_len))
         obj = cls(cfg, params)
         tok_dir = tokenizer_dir or os.path.join(directory, "tokenizer")
         if os.path.isdir(tok_dir):
