@@ -47,6 +47,7 @@ def test_steps_update_lora_only_and_fill_banks(dataset, tmp_path):
     summary = t.run(progress=False)
     t.close()
     assert summary["end_step"] == 4 and os.path.isfile(summary["lora_file"])
+    assert t.step_fn.jitted.jitted._cache_size() == 1                # 4 steps, one compiled step (no recompiles)
     # the frozen params are untouched bit for bit, the LoRA moved
     for k, v in flatten(base_before).items():
         np.testing.assert_array_equal(np.asarray(flatten(t.state["params"])[k]), v)
