@@ -140,7 +140,6 @@ def _update_entry(errors, entry, do, start):
 
 def _nearest(bank: Bank, grid, new):
     """Index of the stored entry of ``grid`` at the smallest squared L2 distance (fp32) to ``new``."""
-    K = bank.capacity
     rows = lax.dynamic_index_in_dim(bank.errors, grid, 0, keepdims=False)  # [K, *shape]
     rows_scale = None if bank.scale is None else lax.dynamic_index_in_dim(bank.scale, grid, 0, keepdims=False)
     # a sum over the entry axes, not a reshape to [K, -1]: on a mesh the entries are split along their own axes and

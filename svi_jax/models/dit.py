@@ -257,7 +257,7 @@ class WanDiT(nn.Module):
     @nn.compact
     def __call__(self, x, t, context, clip_fea=None, y=None):
         cfg = self.cfg
-        dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        dt = dtype_of(cfg.dtype)
         if cfg.is_i2v:
             if y is None or clip_fea is None:
                 raise ValueError("the I2V model needs both y (conditioning latents) and clip_fea (CLIP tokens)")
@@ -496,7 +496,6 @@ def flops_per_forward(cfg: DiTConfig, latent_shape, batch: int = 1, text_len: in
     pt, ph, pw = cfg.patch_size
     n = (f // pt) * (h // ph) * (w // pw)
     d, ff, L = cfg.dim, cfg.ffn_dim, text_len or cfg.text_len
-    ctx = L + (num_img if cfg.is_i2v else 0)
     per_block = (
         4 * n * d * d                 # self q k v o
         + 2 * n * n * d               # scores + weighted sum
