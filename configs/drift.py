@@ -3,51 +3,75 @@
   python -m svi_jax.experiments.drift --workdir runs/drift            # the full experiment (see docs/drift.md)
   python -m svi_jax.experiments.drift --workdir runs/drift_q --quick  # the smoke version the tests run
 
-Latents: the fixed invertible patch transform (svi_jax/models/patch_vae.py, 4x time packing as Wan, 4x4 space ->
-192 channels), so the drift measured is the DiT's and the chaining's, not a lossy autoencoder's. Text and image
-encoders: random tiny UMT5 / CLIP (frozen features of the caption bytes and the first frame).
+Data: pictures scrolling on a torus (svi_jax/data/scroll.py), direction and speed named in the caption, so the
+ground-truth continuation is known exactly at any length. Latents: Wan's 4x time packing and a 2x2 space patch,
+projected on 16 principal components (svi_jax/models/patch_vae.py: a linear autoencoder fitted in closed form,
+33 dB on held-out clips), then the DiT's 2x2 patch: a token carries 2x2 latents x 16 channels = 64 numbers, as
+in Wan, into width 192. Text and image encoders: random tiny UMT5 / CLIP (frozen features of the caption bytes and
+the first frame). The base is pre-trained on every weight (``--train_base``) or taken from the package
+(svi_jax/assets/tiny_base: DiT + codec.npz).
 """
+import os
+
 import ml_collections
 
+import svi_jax
 from configs import base, wan_i2v_14b
+
+TINY_BASE = os.path.join(os.path.dirname(svi_jax.__file__), "assets", "tiny_base")
+
+
+def model_config():
+    model = wan_i2v_14b.get_config()
+    model.update(dim=192, num_layers=4, num_heads=4, ffn_dim=512, freq_dim=64, text_dim=32, text_len=80,
+                 image_dim=32, in_dim=16 * 2 + 4, out_dim=16, param_dtype="float32", dtype="float32",
+                 remat_policy="none")
+    return model
+
+
+def encoders(c, codec_path: str):
+    c.encoders.vae = ml_collections.ConfigDict(dict(kind="patch", spatial=2, temporal=4, components=16,
+                                                    basis=codec_path))
+    c.encoders.t5 = ml_collections.ConfigDict(dict(vocab_size=258, dim=32, dim_attn=32, dim_ffn=64, num_heads=2,
+                                                   num_layers=2, num_buckets=8, max_distance=16, text_len=80))
+    c.encoders.clip = ml_collections.ConfigDict(dict(image_size=28, patch_size=14, dim=32, mlp_dim=64, num_heads=2,
+                                                     num_layers=2))
 
 
 def get_config():
-    model = wan_i2v_14b.get_config()
-    model.update(dim=96, num_layers=4, num_heads=4, ffn_dim=256, freq_dim=64, text_dim=32, text_len=48,
-                 image_dim=32, in_dim=192 * 2 + 4, out_dim=192, param_dtype="float32", dtype="float32",
-                 remat_policy="none")
-    c = base.train_config(model, "drift")
-    c.encoders.vae = ml_collections.ConfigDict(dict(kind="patch", spatial=4, temporal=4, scale=0.5))
-    c.encoders.t5 = ml_collections.ConfigDict(dict(vocab_size=258, dim=32, dim_attn=32, dim_ffn=64, num_heads=2,
-                                                   num_layers=2, num_buckets=8, max_distance=16, text_len=48))
-    c.encoders.clip = ml_collections.ConfigDict(dict(image_size=28, patch_size=14, dim=32, mlp_dim=64, num_heads=2,
-                                                     num_layers=2))
+    c = base.train_config(model_config(), "drift")
+    encoders(c, os.path.join(TINY_BASE, "codec.npz"))
     c.data.update(num_frames=17, height=32, width=48, batch_size=4, num_workers=2, prefetch=4)
     c.lora.update(rank=16, alpha=16)
-    c.erft.update(capacity=24, warmup_steps=50)
+    # Flow shift 1 (training timesteps, the ERFT grids and sampling): shift grows with resolution (SD3, Wan: 5 at
+    # 32k tokens); at 480 tokens shift 5 puts most training on near-pure noise and leaves a last Euler step of
+    # sigma 0.36 -> 0 at 10 steps, which is what made the earlier tiny base paint colour noise.
+    c.erft.update(capacity=24, warmup_steps=50, shift=1.0)
     c.optim.lr = 1e-3
-    c.train.update(ckpt_every=500, keep=1)
+    c.train.update(ckpt_every=250, keep=2)
 
     c.experiment = ml_collections.ConfigDict(dict(
-        train_images=["astronaut", "chelsea", "coffee", "rocket", "retina", "hubble_deep_field",
-                      "immunohistochemistry", "colorwheel"],
-        heldout_images=["camera", "brick"],
-        num_train_clips=64, data_frames=33, seed=0,
-        base_steps=2000, base_lr=1e-3, lora_steps=500, lora_lr=5e-4,
-        num_clips=20, seeds=[0, 1, 2], sample_steps=20, cfg_scale=1.0,
+        base=TINY_BASE,                 # '' or --train_base: pre-train the base (and fit the codec) in the workdir
+        heldout_images=["camera", "brick", "rocket", "stereo_motorcycle"],
+        num_train_clips=384, data_frames=33, seed=0,
+        codec_clips=192, base_steps=6000, base_lr=1e-3, base_batch=4, lora_steps=300, lora_lr=5e-4,
+        num_clips=20, seeds=[0, 1, 2, 3, 4], sample_steps=10, cfg_scale=1.0,
         variants=["plain", "erft", "no_image_error", "no_latent_noise_error", "handcrafted"],
         film_variants=["plain", "erft"],
+        capacities=[],                  # bank-size sweep (Tab. 8): extra ERFT LoRAs with erft.capacity = K
+        strengths=[],                   # LoRA strength at inference (Tab. 7 bottom), applied to the ERFT LoRA
+        bootstrap=2000,
     ))
     return c
 
 
 def get_quick_config():
-    """The smoke version: a few steps, 3 clips, 1 seed."""
+    """The smoke version: a random base trained a few steps, 3 clips, 1 seed."""
     c = get_config()
     c.model.update(dim=32, num_layers=1, num_heads=2, ffn_dim=64)
-    c.experiment.update(num_train_clips=8, base_steps=6, lora_steps=4, num_clips=3, seeds=[0], sample_steps=3,
-                        variants=["erft"], film_variants=["erft"], heldout_images=["camera"])
+    c.experiment.update(base="", num_train_clips=8, codec_clips=8, base_steps=6, lora_steps=4, num_clips=3,
+                        seeds=[0, 1], sample_steps=3, variants=["plain", "erft"], film_variants=["erft"],
+                        heldout_images=["camera", "brick"], capacities=[2], strengths=[0.5], bootstrap=200)
     c.erft.update(capacity=4, warmup_steps=2)
     c.data.update(batch_size=1, num_workers=1, prefetch=1)
     return c

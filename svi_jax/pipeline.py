@@ -81,8 +81,8 @@ class Codec:
         spec = config.encoders.vae.to_dict()
         if spec.get("kind", "wan") == "patch":
             pc = patch_vae.PatchVAEConfig.from_dict(spec)
-            return cls("patch", pc, {}, lambda p, v: patch_vae.encode(pc, v) / pc.scale,
-                       lambda p, z: jnp.clip(patch_vae.decode(pc, z * pc.scale), -1.0, 1.0), pc.z_dim)
+            return cls("patch", pc, patch_vae.load_params(pc), lambda p, v: patch_vae.encode_latents(pc, p, v),
+                       lambda p, z: patch_vae.decode_latents(pc, p, z), pc.z_dim)
         if config.checkpoints.vae:
             v = vae_mod.VAE.from_dir(config.checkpoints.vae)
             cfg, params = v.config, v.params
@@ -225,13 +225,13 @@ def make_data(config, workdir: str, host_id: int | None = None, num_hosts: int |
             if not d.synthetic:
                 raise ValueError("no training data: set config.data.videos (a folder of videos), config.data.dataset "
                                  "(a built dataset) or config.data.cache (a latent cache)")
-            from svi_jax.data import synthetic
+            from svi_jax.data import scroll
 
             videos = os.path.join(workdir, "videos")
             if not os.path.isdir(videos):
-                log.info("generating %d synthetic clips into %s", d.synthetic, videos)
-                synthetic.write_dataset(videos, num_videos=int(d.synthetic), num_frames=max(int(d.num_frames), 17),
-                                        height=int(d.height), width=int(d.width), seed=int(d.seed))
+                log.info("generating %d synthetic scrolling clips into %s", d.synthetic, videos)
+                scroll.write_dataset(videos, num_videos=int(d.synthetic), num_frames=max(int(d.num_frames), 17),
+                                     height=int(d.height), width=int(d.width), seed=int(d.seed))
         log.info("building the dataset %s from %s", dataset, videos)
         builder.build_dataset(videos, dataset)
     return ClipLoader(dataset, d, host_id=host_id, num_hosts=num_hosts)

@@ -664,7 +664,8 @@ def main(argv) -> int:
             lora_file = resolve_lora(FLAGS.lora)
             inputs["lora"] = {"path": os.path.abspath(lora_file), "sha256": file_sha256(lora_file)}
         sampler = LongVideoSampler(config, lora=FLAGS.lora, lora_scale=FLAGS.lora_scale, num_steps=FLAGS.num_steps,
-                                   shift=FLAGS.shift, cfg_scale=FLAGS.cfg_scale, solver=FLAGS.solver,
+                                   shift=FLAGS.shift if FLAGS.shift is not None else float(config.erft.shift),
+                                   cfg_scale=FLAGS.cfg_scale, solver=FLAGS.solver,
                                    chain=FLAGS.chain, motion_frames=FLAGS.motion_frames, pad=FLAGS.pad,
                                    negative_prompt=FLAGS.negative_prompt, on_step=bar, cfg_batch=FLAGS.cfg_batch)
         summary = generate(sampler, reference, schedule, FLAGS.out, seed=FLAGS.seed, seed_times=FLAGS.seed_times,
@@ -715,7 +716,8 @@ def _define_flags():
                       "forward (the usual win on GPU/TPU); --nocfg_batch: two forwards (same result; measured 5-13% "
                       "faster on CPU, see docs/benchmarks.md). Default: two forwards on CPU, batched elsewhere.")
     flags.DEFINE_integer("num_steps", 50, "Denoising steps per clip.")
-    flags.DEFINE_float("shift", 5.0, "Flow-matching sigma shift.")
+    flags.DEFINE_float("shift", None, "Flow-matching sigma shift (default: config.erft.shift, the shift the model "
+                       "was trained at: 5 for Wan/SVI, 1 for the tiny configs).")
     flags.DEFINE_enum("solver", "euler", ["euler", "unipc"], "euler: the official DiffSynth sampler; unipc: Wan's "
                       "UniPC multistep (order 2) solver.")
     flags.DEFINE_enum("chain", "pixel", ["pixel", "latent"], "pixel: the official chaining (decode, re-encode the "

@@ -73,3 +73,33 @@ def test_clip_bounds_of_a_stitched_video():
     # 3 clips of 17 frames with 1 overlap frame: 16 + 16 + 17 = 49 frames
     assert drift.clip_bounds(49, 16) == [(0, 16), (16, 32), (32, 49)]
     assert drift.clip_bounds(12, 4) == [(0, 4), (4, 8), (8, 12)]
+
+
+def test_psnr_first_frame_and_known_noise_level():
+    video, ref = _scene(t=8)
+    r = np.random.RandomState(1)
+    noisy = video.copy()
+    noisy[4:] = video[4:] + 0.05 * r.randn(*video[4:].shape)    # sigma 0.05 -> PSNR = 20 log10(1/0.05) = 26 dB
+    res = drift.per_clip(noisy, ref, clip_frames=4)
+    assert res["clips"][0]["psnr_first_frame"] > 45
+    assert abs(res["clips"][1]["psnr_first_frame"] - 26.02) < 0.3
+
+
+def test_reference_is_resized_to_the_frames(tmp_path):
+    import imageio.v3 as iio
+    from skimage import data, transform
+
+    big = (transform.resize(data.astronaut(), (128, 160), anti_aliasing=True) * 255).astype(np.uint8)
+    small, resized = drift.match_size(big, (32, 40))
+    assert resized and small.shape == (32, 40, 3)
+    video = np.stack([small] * 8)
+    res = drift.per_clip(video, big, clip_frames=4)      # the reference is larger than the frames
+    assert abs(res["clips"][0]["sharpness_ratio"] - 1) < 1e-6 and res["clips"][0]["psnr_first_frame"] >= 99
+    np.savez(tmp_path / "v.npz", frames=video)
+    iio.imwrite(tmp_path / "ref.png", big)
+    r = subprocess.run([sys.executable, "-m", "svi_jax.eval.drift", "--video", str(tmp_path / "v.npz"), "--reference",
+                        str(tmp_path / "ref.png"), "--out", str(tmp_path / "out"), "--clip_frames", "4"],
+                       capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert r.returncode == 0, r.stderr
+    assert "resized to the video's frame size (40x32)" in r.stdout
+    assert "sharpness x1.00" in r.stdout

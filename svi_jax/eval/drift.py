@@ -9,6 +9,8 @@ Per clip k (frames of the stitched video that clip k contributed):
 * ``hist_dist``: per-channel 32-bin histogram distance vs the reference (total variation, 0 = same, 1 = disjoint);
 * ``sharpness_ratio``: variance of the Laplacian of the grey image / that of the reference (1 = as sharp);
 * ``psnr`` / ``ssim`` vs the ground-truth continuation, frame by frame, when one is given;
+* ``psnr_first_frame``: PSNR of the clip's first frame vs the reference image (at clip 1: how well the model keeps
+  the picture it was given);
 * ``boundary_flicker``: mean |frame difference| across the boundary into clip k, divided by the mean |frame
   difference| inside the clips (1 = a boundary is as smooth as any other step; > 1 = a visible jump).
 
@@ -23,7 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
-METRICS = ("color_shift", "hist_dist", "sharpness_ratio", "psnr", "ssim", "boundary_flicker")
+METRICS = ("color_shift", "hist_dist", "sharpness_ratio", "psnr", "ssim", "psnr_first_frame", "boundary_flicker")
 
 
 def _f(x) -> np.ndarray:
@@ -72,6 +74,23 @@ def psnr_ssim(frames, truth) -> tuple[float, float]:
     return float(np.mean(ps)), float(np.mean(ss))
 
 
+def psnr(a, b) -> float:
+    """PSNR in dB of two images (uint8 or float in [0, 1]); 100 for identical ones."""
+    mse = float(np.mean((_f(a) - _f(b)) ** 2))
+    return 100.0 if mse <= 1e-10 else float(10 * np.log10(1.0 / mse))
+
+
+def match_size(reference, shape: tuple) -> tuple[np.ndarray, bool]:
+    """``reference`` resized (PIL Lanczos) to the frames' ``(H, W)`` when it differs; ``(image, resized?)``."""
+    ref = np.asarray(reference)
+    if ref.shape[:2] == tuple(shape[:2]):
+        return ref, False
+    from PIL import Image
+
+    u8 = ref if ref.dtype == np.uint8 else np.clip(np.rint(_f(ref) * 255), 0, 255).astype(np.uint8)
+    return np.asarray(Image.fromarray(u8).resize((shape[1], shape[0]), Image.LANCZOS)), True
+
+
 def clip_bounds(num_frames: int, clip_frames: int, first_clip_frames: int | None = None) -> list[tuple[int, int]]:
     """Frame ranges of each clip in a stitched video. The first clip may differ in length; a tail shorter than a
     clip (the final clip keeps its last ``m`` overlap frames) belongs to the last clip."""
@@ -89,6 +108,7 @@ def clip_bounds(num_frames: int, clip_frames: int, first_clip_frames: int | None
 def per_clip(video, reference, clip_frames: int, truth=None, first_clip_frames: int | None = None) -> dict:
     """Every metric per clip; ``video`` uint8 or float ``[T, H, W, 3]``."""
     v = _f(video)
+    reference, _ = match_size(reference, v.shape[1:3])
     bounds = clip_bounds(len(v), clip_frames, first_clip_frames)
     steps = np.abs(np.diff(v, axis=0)).mean(axis=(1, 2, 3)) if len(v) > 1 else np.zeros(0)
     boundary_idx = {s - 1 for s, _ in bounds[1:]}           # step from the last frame of clip k-1 into clip k
@@ -100,6 +120,7 @@ def per_clip(video, reference, clip_frames: int, truth=None, first_clip_frames: 
         cs, rgb = color_shift(frames, reference)
         row = {"clip": k, "start": s, "end": e, "color_shift": cs, "color_shift_rgb": rgb,
                "hist_dist": hist_dist(frames, reference), "sharpness_ratio": sharpness_ratio(frames, reference),
+               "psnr_first_frame": psnr(frames[0], reference),
                "boundary_flicker": float(steps[s - 1] / max(base, 1e-12)) if k > 0 else None}
         if truth is not None and s < len(truth):
             row["psnr"], row["ssim"] = psnr_ssim(frames, _f(truth)[s:e])
@@ -173,7 +194,11 @@ def main(argv=None) -> int:
     clip_frames = clip_frames or 80
     video = read_video(a.video)
     truth = read_video(a.ground_truth) if a.ground_truth else None
-    res = per_clip(video, read_image(a.reference), clip_frames, truth, first)
+    reference, resized = match_size(read_image(a.reference), video.shape[1:3])
+    if resized:
+        print(f"note: the reference ({read_image(a.reference).shape[1]}x{read_image(a.reference).shape[0]}) was "
+              f"resized to the video's frame size ({video.shape[2]}x{video.shape[1]}) before comparing")
+    res = per_clip(video, reference, clip_frames, truth, first)
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "drift.json"), "w") as f:
         json.dump(res, f, indent=1)

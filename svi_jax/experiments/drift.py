@@ -4,17 +4,20 @@
 
 Stages (each skipped when its output exists, so an interrupted run continues):
 
-1. data     synthetic clips from scikit-image pictures (train pictures only) -> TFDS dataset;
-2. base     pre-train the small Wan-shaped I2V DiT (every weight; first-frame conditioning, zero padding, as Wan I2V);
+1. data     pictures scrolling on a torus (direction and speed in the caption; training pictures only) -> TFDS;
+2. base     the shipped base (svi_jax/assets/tiny_base), or with ``--train_base``: fit the PCA codec and pre-train
+            the small Wan-shaped I2V DiT (every weight; first-frame conditioning, zero padding, as Wan I2V);
 3. loras    from the same base, the same number of steps each: ``plain`` (no errors), ``erft`` (Shot settings),
             ``no_image_error``, ``no_latent_noise_error`` (paper Tab. 4), ``handcrafted`` (degraded condition frames
             instead of banked errors, Tab. 7); Film-setting LoRAs (5 motion frames, zero padding) for ``film_variants``;
+            ERFT LoRAs with other bank sizes for ``capacities`` (Tab. 8);
 4. rollouts each model chained for ``num_clips`` clips from held-out pictures (pictures never seen in training) by
             ``svi_jax.sample.LongVideoSampler.rollout`` (the sampler users run; clip k has seed ``seed + 42 k``), Shot
-            chaining (and Film for the Film LoRAs), for every seed;
+            chaining (and Film for the Film LoRAs), for every seed; the ERFT LoRA at the ``strengths`` (Tab. 7 bottom);
 5. metrics  svi_jax.eval.drift per clip against the reference image and the ground-truth continuation;
-6. report   ``report.md`` + ``drift.png`` + ``results.json`` in the workdir (``--report`` also writes the markdown
-            there, with the plot copied beside it).
+6. report   ``report.md``, ``results.json``, ``drift.png``, ``paired.png`` (paired differences vs plain with
+            bootstrap 95% intervals) and ``strip.png`` (frames of clips 1, 10, 20) in the workdir; ``--report
+            docs/drift.md`` copies them to ``docs/drift/`` (the prose of docs/drift.md is written by hand).
 """
 from __future__ import annotations
 
@@ -39,10 +42,9 @@ VARIANT_SETTINGS = {
 }
 
 
-def _variant_config(config, variant: str, film: bool, base_dit: str, dataset: str):
-    c = copy.deepcopy(config)
+def _variant_config(config, variant: str, film: bool, base_dir: str, dataset: str):
+    c = with_base(config, base_dir)
     e = c.experiment
-    c.checkpoints.dit = base_dit
     c.data.dataset = dataset
     c.train.num_steps = e.lora_steps
     c.train.trainable = "lora"
@@ -78,187 +80,161 @@ def _train(config, workdir: str, what: str):
 
 
 def stage_data(config, workdir: str) -> str:
-    from svi_jax.data import builder, synthetic
+    from svi_jax.data import builder, scroll
 
     e, d = config.experiment, config.data
     videos, dataset = os.path.join(workdir, "videos"), os.path.join(workdir, "dataset")
     if not os.path.isfile(os.path.join(dataset, "summary.json")):
         shutil.rmtree(videos, ignore_errors=True)
         shutil.rmtree(dataset, ignore_errors=True)
-        synthetic.write_dataset(videos, num_videos=e.num_train_clips, num_frames=e.data_frames, height=d.height,
-                                width=d.width, seed=e.seed, images=list(e.train_images))
+        scroll.write_dataset(videos, num_videos=e.num_train_clips, num_frames=e.data_frames, height=d.height,
+                             width=d.width, seed=e.seed)
         builder.build_dataset(videos, dataset, progress=False)
     return dataset
 
 
-def stage_base(config, workdir: str, dataset: str) -> str:
+def stage_codec(config, workdir: str) -> str:
+    """Fit the PCA codec on training clips (closed form, seconds) -> ``<workdir>/base/codec.npz``."""
+    from svi_jax.data import scroll
+    from svi_jax.models import patch_vae
+
+    e, d = config.experiment, config.data
+    path = os.path.join(workdir, "base", "codec.npz")
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        specs = scroll.dataset_specs(e.codec_clips, e.seed)
+        clips = np.stack([scroll.make_scroll(s.frame0(d.height, d.width), d.num_frames, s.direction, s.speed)
+                          for s in specs]).astype(np.float32) / 127.5 - 1.0
+        spec = config.encoders.vae.to_dict()
+        pc = patch_vae.PatchVAEConfig.from_dict({**spec, "basis": ""})
+        np.savez(path + ".tmp.npz", **patch_vae.fit_pca(pc, clips, pc.components))
+        os.replace(path + ".tmp.npz", path)
+    return path
+
+
+def with_base(config, base_dir: str):
+    """``config`` with the DiT and the codec of ``base_dir`` (``dit/`` or the dir itself, and ``codec.npz``)."""
     c = copy.deepcopy(config)
-    e = c.experiment
+    dit = os.path.join(base_dir, "dit")
+    c.checkpoints.dit = dit if os.path.isdir(dit) else base_dir
+    c.encoders.vae.basis = os.path.join(base_dir, "codec.npz")
+    return c
+
+
+def stage_base(config, workdir: str, dataset: str) -> str:
+    """The base: the shipped one (``experiment.base``), or pre-trained here on every weight. Returns its dir."""
+    e = config.experiment
+    if e.base:
+        return e.base
+    stage_codec(config, workdir)
+    out = os.path.join(workdir, "base")
+    c = with_base(config, out)
+    c.checkpoints.dit = ""
     c.data.dataset = dataset
-    c.data.update(num_motion_frames=1, pad_mode="zero")
+    c.data.update(num_motion_frames=1, pad_mode="zero", batch_size=e.base_batch)
     c.erft.enabled = False
     c.train.update(trainable="full", num_steps=e.base_steps)
     c.optim.lr = e.base_lr
-    out = os.path.join(workdir, "base")
     _train(c, out, "the base (full)")
-    return os.path.join(out, "dit")
+    return out
 
 
-def stage_loras(config, workdir: str, base_dit: str, dataset: str) -> dict:
+def stage_loras(config, workdir: str, base_dir: str, dataset: str) -> dict:
     runs = {}
     for film in (False, True):
         names = config.experiment.film_variants if film else config.experiment.variants
         for v in names:
             key = ("film_" if film else "") + v
             d = os.path.join(workdir, "lora", key)
-            s = _train(_variant_config(config, v, film, base_dit, dataset), d, f"LoRA {key}")
+            s = _train(_variant_config(config, v, film, base_dir, dataset), d, f"LoRA {key}")
             runs[key] = dict(lora=os.path.join(d, "lora.safetensors"), film=film, **s)
+    for cap in config.experiment.capacities:     # bank-size sweep (Tab. 8)
+        key, d = f"erft_K{cap}", os.path.join(workdir, "lora", f"erft_K{cap}")
+        c = _variant_config(config, "erft", False, base_dir, dataset)
+        c.erft.capacity = int(cap)
+        s = _train(c, d, f"LoRA {key}")
+        runs[key] = dict(lora=os.path.join(d, "lora.safetensors"), film=False, **s)
     return runs
 
 
 def heldout_cases(config):
-    """(image, motion, sprite, seed, caption) of each held-out start: pictures never used in training."""
-    from svi_jax.data import synthetic
+    """Held-out starts (pictures never used in training), each with its own captioned direction and speed."""
+    from svi_jax.data import scroll
 
-    cases = []
-    for i, image in enumerate(config.experiment.heldout_images):
-        motion = synthetic.MOTIONS[i % len(synthetic.MOTIONS)]
-        seed = 1000 + i
-        sprite = synthetic._pick(None, sorted(synthetic.SPRITES), seed, "sprite:" + image,
-                                 exclude=synthetic.BACKGROUNDS[image][0])
-        cases.append(dict(image=image, motion=motion, sprite=sprite, seed=seed,
-                          caption=synthetic.caption_for(image, motion, sprite)))
-    return cases
+    return scroll.heldout_specs(tuple(config.experiment.heldout_images))
 
 
-def stage_rollouts(config, workdir: str, base_dit: str, runs: dict) -> dict:
-    """Chain every model from every held-out start; returns {model: [result per (case, seed)]}."""
-    from svi_jax.data import synthetic
+def model_list(config, runs: dict) -> list:
+    """(name, lora file or None, film?, LoRA strength) of every model to roll out."""
+    e = config.experiment
+    models = [("base", None, False, 1.0)]
+    for k, r in runs.items():
+        models.append((k, r["lora"], r["film"], 1.0))
+    if "erft" in runs:
+        models += [(f"erft_s{s:g}", runs["erft"]["lora"], False, float(s)) for s in e.strengths]
+    if e.film_variants:
+        models.append(("film_base", None, True, 1.0))
+    return models
+
+
+def stage_rollouts(config, workdir: str, base_dir: str, runs: dict) -> dict:
+    """Chain every model from every held-out start and seed (paired: the same start, seed and noise for every
+    model); returns {model: [result per (case, seed)]}."""
+    from svi_jax.data import scroll
     from svi_jax.eval import drift
     from svi_jax.models.dit import DiT
     from svi_jax.sample import LongVideoSampler
 
     e, d = config.experiment, config.data
-    models = [("base", None, False)] + [(k, r["lora"], r["film"]) for k, r in runs.items()]
-    if e.film_variants:
-        models.append(("film_base", None, True))
+    cfg = with_base(config, base_dir)
     out = {}
     os.makedirs(os.path.join(workdir, "rollouts"), exist_ok=True)
-    for name, lora, film in models:
+    for name, lora, film, strength in model_list(config, runs):
         path = os.path.join(workdir, "rollouts", f"{name}.json")
         if os.path.exists(path):
             out[name] = json.load(open(path))
             continue
-        dit = DiT.from_dir(base_dit, lora=lora)          # Shot: 1 motion frame, reference padding; Film: 5, zeros
-        sampler = LongVideoSampler(config, dit_params=dit.params, dit_config=dit.config, num_steps=e.sample_steps,
-                                   cfg_scale=e.cfg_scale, motion_frames=5 if film else 1,
+        dit = DiT.from_dir(cfg.checkpoints.dit, lora=lora, lora_scale=strength)
+        sampler = LongVideoSampler(cfg, dit_params=dit.params, dit_config=dit.config, num_steps=e.sample_steps,
+                                   shift=float(config.erft.shift), cfg_scale=e.cfg_scale,
+                                   motion_frames=5 if film else 1,
                                    pad="zero" if film else "ref")
         results = []
         for case in heldout_cases(config):
-            total = sampler.total_frames(e.num_clips)
-            truth = synthetic.make_sequence(case["image"], total, d.height, d.width, case["seed"],
-                                            motion=case["motion"], sprite=case["sprite"])
+            ref = case.frame0(d.height, d.width)
+            truth = scroll.make_scroll(ref, sampler.total_frames(e.num_clips), case.direction, case.speed)
             for seed in e.seeds:
-                frames = sampler.rollout(truth[0], [case["caption"]] * e.num_clips, seed)
-                r = drift.per_clip(frames, truth[0], sampler.new_frames_per_clip, truth,
-                                   sampler.new_frames_per_clip)
-                r.update(case=case["image"], seed=seed)
+                frames = sampler.rollout(ref, [case.caption] * e.num_clips, seed)
+                r = drift.per_clip(frames, ref, sampler.new_frames_per_clip, truth, sampler.new_frames_per_clip)
+                r.update(case=case.picture, seed=seed)
                 results.append(r)
                 if seed == e.seeds[0]:   # keep one rollout per model and start for looking at
-                    np.savez_compressed(os.path.join(workdir, "rollouts", f"{name}_{case['image']}.npz"),
-                                        frames=frames)
+                    np.savez_compressed(os.path.join(workdir, "rollouts", f"{name}_{case.picture}.npz"),
+                                        frames=frames, truth=truth)
         json.dump(results, open(path, "w"))
         out[name] = results
     return out
 
 
-METRICS = (("color_shift", "colour shift", False), ("hist_dist", "histogram dist.", False),
-           ("sharpness_ratio", "sharpness ratio", None), ("psnr", "PSNR vs GT (dB)", True),
-           ("ssim", "SSIM vs GT", True), ("boundary_flicker", "boundary flicker", False))
-
-
-def aggregate(results: list, metric: str) -> tuple[np.ndarray, np.ndarray]:
-    """mean and std over rollouts, per clip index."""
-    n = min(len(r["clips"]) for r in results)
-    vals = np.array([[r["clips"][k].get(metric) if r["clips"][k].get(metric) is not None else np.nan
-                      for k in range(n)] for r in results], np.float64)
-    return np.nanmean(vals, 0), np.nanstd(vals, 0)
-
-
-def report(config, workdir: str, rollouts: dict, runs: dict, timings: dict, report_path: str | None,
-           command: str) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = config.experiment.num_clips
-    marks = sorted({k for k in (1, 5, 10, 20) if k <= n} | {n})
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(3.7 * len(METRICS), 3.3), squeeze=False)
-    summary = {}
-    for ax, (m, label, _) in zip(axes[0], METRICS):
-        for name, res in rollouts.items():
-            mean, std = aggregate(res, m)
-            xs = np.arange(1, len(mean) + 1)
-            ok = np.isfinite(mean)
-            ax.plot(xs[ok], mean[ok], marker=".", label=name, lw=1.8 if "erft" in name else 1.0)
-            ax.fill_between(xs[ok], (mean - std)[ok], (mean + std)[ok], alpha=0.12)
-            summary.setdefault(name, {})[m] = {"mean": mean.tolist(), "std": std.tolist()}
-        ax.set_title(label)
-        ax.set_xlabel("clip")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    png = os.path.join(workdir, "drift.png")
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    json.dump({"summary": summary, "runs": runs, "timings": timings}, open(os.path.join(workdir, "results.json"),
-                                                                             "w"), indent=1)
-    lines = [f"Measured with `{command}`; {sum(timings.values()):.0f} s in all on this machine "
-             f"({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}).", ""]
-    for m, label, higher in METRICS:
-        lines += [f"**{label}** ({'higher' if higher else 'lower' if higher is False else 'closer to 1'} is better;"
-                  f" mean ± std over {len(next(iter(rollouts.values())))} rollouts)", "",
-                  "| model | " + " | ".join(f"clip {k}" for k in marks) + " |",
-                  "|---|" + "---|" * len(marks)]
-        for name in rollouts:
-            mean, std = summary[name][m]["mean"], summary[name][m]["std"]
-            cells = [("n/a" if not np.isfinite(mean[k - 1]) else f"{mean[k - 1]:.3f} ± {std[k - 1]:.3f}")
-                     for k in marks]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        lines.append("")
-    lines += ["Training (same number of steps for every LoRA; final loss = mean of the last 10% of steps):", "",
-              "| run | steps | final loss | seconds |", "|---|---|---|---|"]
-    for k, r in runs.items():
-        lines.append(f"| {k} | {r.get('end_step')} | {r.get('final_loss', float('nan')):.4f} | {r.get('seconds')} |")
-    text = "\n".join(lines) + "\n"
-    with open(os.path.join(workdir, "report.md"), "w") as f:
-        f.write(text)
-    if report_path:
-        d = os.path.dirname(os.path.abspath(report_path))
-        os.makedirs(os.path.join(d, "drift"), exist_ok=True)
-        shutil.copy(png, os.path.join(d, "drift", "drift.png"))
-        with open(os.path.join(d, "drift", "results.md"), "w") as f:
-            f.write(text)
-    return text
-
-
 def run(config, workdir: str, report_path: str | None = None, command: str = "") -> dict:
+    from svi_jax.experiments import drift_report
+
     os.makedirs(workdir, exist_ok=True)
     timings = {}
     t = time.time()
     dataset = stage_data(config, workdir)
     timings["data"] = time.time() - t
     t = time.time()
-    base_dit = stage_base(config, workdir, dataset)
+    base_dir = stage_base(config, workdir, dataset)
     timings["base"] = time.time() - t
     t = time.time()
-    runs = stage_loras(config, workdir, base_dit, dataset)
+    runs = stage_loras(config, workdir, base_dir, dataset)
     timings["loras"] = time.time() - t
     t = time.time()
-    rollouts = stage_rollouts(config, workdir, base_dit, runs)
+    rollouts = stage_rollouts(config, workdir, base_dir, runs)
     timings["rollouts"] = time.time() - t
-    text = report(config, workdir, rollouts, runs, timings, report_path, command)
+    clip_frames = int(config.data.num_frames) - 1
+    text = drift_report.write(config, workdir, rollouts, runs, timings, report_path, command, clip_frames)
     return {"report": text, "timings": timings, "workdir": workdir}
 
 
@@ -266,15 +242,21 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m svi_jax.experiments.drift", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="where every stage writes (re-run to continue)")
-    p.add_argument("--quick", action="store_true", help="the smoke version: a few steps, 3 clips, 1 seed")
-    p.add_argument("--report", default=None, help="also write the tables here (and the plot beside it)")
+    p.add_argument("--quick", action="store_true", help="the smoke version: a few steps, 3 clips, 2 seeds")
+    p.add_argument("--report", default=None, help="also write the tables here (plots and results.json beside it, "
+                                                  "in drift/)")
+    p.add_argument("--train_base", action="store_true",
+                   help="pre-train the base (and fit the codec) in the workdir instead of using the shipped one")
     a = p.parse_args(argv)
     from configs import drift as drift_cfg
     from svi_jax.train import quiet_logs
 
     quiet_logs()
     config = drift_cfg.get_quick_config() if a.quick else drift_cfg.get_config()
-    cmd = "python -m svi_jax.experiments.drift --workdir " + a.workdir + (" --quick" if a.quick else "")
+    if a.train_base:
+        config.experiment.base = ""
+    cmd = ("python -m svi_jax.experiments.drift --workdir " + a.workdir + (" --quick" if a.quick else "")
+           + (" --train_base" if a.train_base else ""))
     res = run(config, os.path.abspath(a.workdir), a.report, cmd)
     print(res["report"])
     return 0
