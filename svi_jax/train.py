@@ -295,7 +295,9 @@ class Trainer:
         from svi_jax import train_checkpoints
 
         c = self.config.train
-        return train_checkpoints.make_manager(os.path.join(self.workdir, "checkpoints"), c.keep, c.async_checkpoints)
+        root = os.path.join(self.workdir, "checkpoints")
+        self.guard = train_checkpoints.StreakGuard(root, c.keep)
+        return train_checkpoints.make_manager(root, c.keep, c.async_checkpoints)
 
     def save(self, force: bool = False):
         import orbax.checkpoint as ocp
@@ -310,6 +312,7 @@ class Trainer:
         self.ckpt.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(saved_part(self.state)),
             data=ocp.args.JsonSave(self.data.get_state())), force=force)
+        self.guard.prune(self.ckpt)
         if not self.config.train.async_checkpoints:
             from svi_jax.train_checkpoints import seal
 
@@ -322,6 +325,7 @@ class Trainer:
         latest, restored, manager = train_checkpoints.restore_newest_good(
             self.ckpt, os.path.join(self.workdir, "checkpoints"), abstract)
         self.ckpt = manager if manager is not None else self._manager()
+        self.guard.on_start(self.ckpt)
         if latest is None:
             return False
         self.state = with_saved(self.state, restored["state"])
@@ -411,6 +415,7 @@ class Trainer:
             step, metrics = pending.pop()
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
             nonfinite_run = self.nonfinite_run = int(m.pop("nonfinite_run"))
+            self.guard.on_metrics(self.ckpt, step, nonfinite_run == 0)
             now = time.time()
             m.update(step=step, lr=float(self.config.optim.lr), steps_per_s=1.0 / max(now - last["t"], 1e-9))
             last["t"] = now
@@ -421,7 +426,7 @@ class Trainer:
                 post["bank"] = f"{100 * m['bank_fill_latent']:.1f}%"
             bar.set_postfix(post)
             if nonfinite_run >= c.max_nonfinite:
-                good = max(self.ckpt.all_steps() or [], default=None)
+                good = self.guard.on_stop(self.ckpt)
                 where = (f"the last good state is the checkpoint of step {good} "
                          f"({os.path.join(self.workdir, 'checkpoints', str(good))}; none was written during the "
                          f"streak), which a rerun resumes from" if good is not None else

@@ -49,7 +49,8 @@ def make_manager(root: str, keep: int, async_checkpoints: bool):
 
     extra = {"async_options": ocp.AsyncOptions(post_finalization_callback=lambda: seal(root))} \
         if async_checkpoints else {}   # synchronous saves are sealed by the caller right after save()
-    opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_checkpoints, create=True,
+    # keep-N is applied by StreakGuard.prune (never deleting the newest confirmed step), not by orbax
+    opts = ocp.CheckpointManagerOptions(max_to_keep=None, enable_async_checkpointing=async_checkpoints, create=True,
                                         **extra)
     return ocp.CheckpointManager(root, options=opts, item_names=("state", "data"))
 
@@ -139,3 +140,44 @@ def reject(root: str, steps) -> None:
         while os.path.exists(dest):
             dest, n = os.path.join(dest_root, f"{s}.{n}"), n + 1
         shutil.move(os.path.join(root, str(s)), dest)
+
+
+class StreakGuard:
+    """Which checkpoints are known good, so a non-finite streak never costs the last good one.
+
+    A checkpoint of step ``s`` is *confirmed* once step ``s + 1`` had a finite loss and gradient (its state went on
+    to train); the steps found on disk when a run starts count as confirmed. Pruning to ``train.keep`` never deletes
+    the newest confirmed step; when a streak stops the run, the unconfirmed steps newer than it are moved to
+    ``checkpoints_rejected/`` (the divergence began before the streak) and the confirmed step is the one named."""
+
+    def __init__(self, root: str, keep: int):
+        self.root, self.keep = root, int(keep)
+        self.confirmed: set[int] = set()
+
+    def on_start(self, manager) -> None:
+        self.confirmed = set(manager.all_steps() or [])
+
+    def on_metrics(self, manager, step: int, finite: bool) -> None:
+        if finite and (step - 1) in set(manager.all_steps() or []):
+            self.confirmed.add(step - 1)
+
+    def newest_confirmed(self, manager):
+        return max(self.confirmed & set(manager.all_steps() or []), default=None)
+
+    def prune(self, manager) -> None:
+        steps = sorted(manager.all_steps() or [])
+        protect = self.newest_confirmed(manager)
+        for s in steps[: max(len(steps) - self.keep, 0)]:
+            if s != protect:
+                manager.delete(s)
+
+    def on_stop(self, manager):
+        """Reject the unconfirmed steps newer than the newest confirmed one; return that step (or None)."""
+        good = self.newest_confirmed(manager)
+        bad = [s for s in manager.all_steps() or [] if s not in self.confirmed and (good is None or s > good)]
+        if bad:
+            manager.wait_until_finished()
+            reject(self.root, bad)
+            log.warning("moved checkpoint(s) %s, saved just before the non-finite streak, to %s", sorted(bad),
+                        os.path.join(os.path.dirname(self.root), REJECTED_DIR))
+        return good
