@@ -151,15 +151,11 @@ def to_uint8(frames) -> np.ndarray:
 
 
 def load_image(path: str, height: int, width: int) -> np.ndarray:
-    """An RGB image resized to ``width x height`` (PIL bicubic, as the official ``Image.resize``): uint8 [H, W, 3]."""
-    from PIL import Image
+    """An RGB image resized to ``width x height`` (PIL bicubic, as the official ``Image.resize``): uint8 [H, W, 3].
+    Any mode (16-bit, palette, CMYK, LA, ...) is converted correctly; see :mod:`svi_jax.images`."""
+    from svi_jax import images
 
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"image {path} does not exist")
-    img = Image.open(path).convert("RGB")
-    if img.size != (width, height):
-        img = img.resize((width, height), Image.BICUBIC)
-    return np.asarray(img, np.uint8)
+    return images.load_image(path, height, width)
 
 
 def condition_video(reference_u8: np.ndarray, cond_u8: np.ndarray, num_frames: int, pad: str) -> np.ndarray:
@@ -643,6 +639,8 @@ def main(argv) -> int:
         if FLAGS.prompt is not None and FLAGS.prompts:
             raise PromptFileError("give either --prompts FILE or --prompt TEXT, not both")
         if FLAGS.prompt is not None:
+            if not FLAGS.prompt.strip():
+                raise PromptFileError("--prompt is empty (as an empty item of a prompt file is): give a prompt")
             prompts = [FLAGS.prompt]
         elif FLAGS.prompts:
             prompts = load_prompts(FLAGS.prompts)
@@ -667,6 +665,9 @@ def main(argv) -> int:
                                    shift=FLAGS.shift, cfg_scale=FLAGS.cfg_scale, solver=FLAGS.solver,
                                    chain=FLAGS.chain, motion_frames=FLAGS.motion_frames, pad=FLAGS.pad,
                                    negative_prompt=FLAGS.negative_prompt, on_step=bar, cfg_batch=FLAGS.cfg_batch)
+        from svi_jax.prompt_checks import warn_long_prompts
+
+        warn_long_prompts(sampler.tokenizer, schedule)
         summary = generate(sampler, reference, schedule, FLAGS.out, seed=FLAGS.seed, seed_times=FLAGS.seed_times,
                            inputs=inputs, resume=FLAGS.resume, overwrite=FLAGS.overwrite,
                            repeat_first_clip=FLAGS.repeat_first_clip, save_clips=FLAGS.save_clips,
@@ -740,7 +741,6 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-    from absl import app
+    from svi_jax import cli  # one-line errors (exit 2), tracebacks only with --debug / SVI_DEBUG=1
 
-    _define_flags()
-    app.run(lambda argv: sys.exit(main(argv)))
+    cli.absl_run(main, _define_flags)

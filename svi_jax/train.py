@@ -56,6 +56,7 @@ def validate_config(config) -> None:
     need(config.train.ckpt_every >= 1, "train.ckpt_every", f"must be >= 1, got {config.train.ckpt_every}")
     need(config.train.keep >= 1, "train.keep", f"must be >= 1, got {config.train.keep}")
     need(config.lora.rank >= 1, "lora.rank", f"must be >= 1, got {config.lora.rank}")
+    need(config.data.batch_size >= 1, "data.batch_size", f"must be >= 1, got {config.data.batch_size}")
     need(config.optim.lr > 0, "optim.lr", f"must be > 0, got {config.optim.lr}")
     need(config.optim.grad_clip > 0, "optim.grad_clip", f"must be > 0, got {config.optim.grad_clip}")
     for p in ("p_noise", "p_latent", "p_image", "p_clean", "p_insert_clean"):
@@ -557,7 +558,6 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-    from absl import app
+    from svi_jax import cli  # one-line errors (exit 2), tracebacks only with --debug / SVI_DEBUG=1
 
-    _define_flags()
-    app.run(lambda argv: sys.exit(main(argv)))
+    cli.absl_run(main, _define_flags)
