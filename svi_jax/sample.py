@@ -432,6 +432,22 @@ class Output:
             raise ResumeError(f"missing segment(s) {missing[:3]} in {self.parts}")
         video_io.concat_mp4(parts, self.out)
 
+    def clean(self, done: int) -> list[str]:
+        """Remove what a killed run left behind and a resume at clip ``done`` supersedes: temporary files
+        (``.NAME.*.tmp.*``), carries other than ``carry_<done>``, tails other than ``tail_<done - 1>`` and segments of
+        clips not committed. Returns the names removed."""
+        keep_tail, gone = done - 1, []
+        for name in sorted(os.listdir(self.parts)):
+            m = re.fullmatch(r"(seg|tail|carry)_(\d+)\.\w+", name)
+            stale = name.startswith(".") and ".tmp" in name
+            if m:
+                k = int(m.group(2))
+                stale = {"seg": k >= done, "tail": k != keep_tail, "carry": k != done}[m.group(1)]
+            if stale:
+                os.unlink(os.path.join(self.parts, name))
+                gone.append(name)
+        return gone
+
     def read_lossless(self) -> np.ndarray:
         """The stitched frames from the ``--lossless`` copies (uint8 ``[N, H, W, 3]``)."""
         state = json.load(open(self.state_json))
@@ -509,6 +525,9 @@ def generate(sampler: LongVideoSampler, reference_u8: np.ndarray, prompts: Seque
             state = ChainState(done, z["cond_frames"], z["cond_latents"] if "cond_latents" in z else None)
         if done:
             o.publish(done)                          # in case the last run died between commit and publish
+        removed = o.clean(done)                      # superseded carries/tails/segments, temporary files
+        if removed:
+            log.info("removed %d superseded file(s) from %s", len(removed), o.parts)
         log.info("resuming at clip %d of %d", done + 1, num_clips)
     else:
         os.makedirs(o.parts, exist_ok=True)

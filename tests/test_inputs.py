@@ -137,3 +137,38 @@ def test_cli_bad_inputs_give_one_line_and_exit_2(tmp_path):
     assert cli.run(data_main, ["build", "--videos", str(tmp_path / "none"), "--out", str(tmp_path / "d")]) == 2
     assert cli.run(drift_main, ["--video", str(tmp_path / "none.mp4"), "--reference", str(tmp_path / "ref.png"),
                                 "--out", str(tmp_path / "dr")]) == 2
+
+
+def test_data_notes_blank_csv_rows_and_the_configured_clip_length(tmp_path):
+    import collections
+    from types import SimpleNamespace
+
+    from svi_jax.data import builder, scan
+
+    p = tmp_path / "c.csv"
+    p.write_text("Filename,Video Description\na.mp4,a cat\n\n,no name\nb.mp4,\n  ,  \nc.mp4,a dog\n")
+    notes = collections.Counter()
+    out = scan.read_caption_csv(str(p), notes=notes)
+    assert out == {"a.mp4": "a cat", "c.mp4": "a dog"} and notes["csv_empty_row"] == 4
+    rep = builder._Report(SimpleNamespace(notes={}, entries=[]), clip_frames=17)
+    entry = SimpleNamespace(category="x", caption_source="csv")
+    for n in (9, 17, 33):
+        rep.keep(entry, SimpleNamespace(num_frames=n, width=8, height=8, grayscale=False), 10)
+    assert dict(rep.notes) == {"shorter_than_17_frames": 1}
+
+
+def test_parts_folder_is_cleaned_of_superseded_files(tmp_path):
+    from svi_jax.sample import Output
+
+    o = Output(str(tmp_path / "v.mp4"))
+    os.makedirs(o.parts)
+    names = ["state.json", "seg_00000.mp4", "seg_00001.mp4", "seg_00001.npz", "seg_00002.mp4", "tail_00000.mp4",
+             "tail_00001.mp4", "tail_00001.npz", "carry_00001.npz", "carry_00002.npz", ".tail_00002.mp4.ab12.tmp.mp4",
+             ".state.json.x.tmp.json"]
+    for n in names:
+        open(os.path.join(o.parts, n), "w").close()
+    removed = o.clean(2)                 # clips 0, 1 committed: next clip 2
+    assert sorted(os.listdir(o.parts)) == ["carry_00002.npz", "seg_00000.mp4", "seg_00001.mp4", "seg_00001.npz",
+                                           "state.json", "tail_00001.mp4", "tail_00001.npz"]
+    assert sorted(removed) == sorted([".state.json.x.tmp.json", ".tail_00002.mp4.ab12.tmp.mp4", "carry_00001.npz",
+                                      "seg_00002.mp4", "tail_00000.mp4"])
