@@ -507,7 +507,12 @@ def generate(sampler: LongVideoSampler, reference_u8: np.ndarray, prompts: Seque
     meta = {"compile_s": None}
     resume = preflight(out, resume, overwrite)
     if resume:
-        st = json.load(open(o.state_json))
+        try:
+            with open(o.state_json) as f:
+                st = json.load(f)
+        except ValueError as e:                      # torn or edited by hand
+            raise ResumeError(f"{o.state_json} is damaged ({e}); pass --overwrite to start the generation over") \
+                from None
         if st.get("version") != STATE_VERSION:
             raise ResumeError(f"{o.state_json} has state version {st.get('version')}, expected {STATE_VERSION}")
         diff = _diff_keys(st["settings"], settings)
