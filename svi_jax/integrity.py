@@ -102,6 +102,13 @@ def first_nonfinite(a) -> tuple[int, int] | None:
     """``(count of non-finite values, size)`` of a float array that has any, else ``None``."""
     if not _is_float(a):
         return None
+    import jax
+
+    if isinstance(a, jax.Array):  # counted on device: no host copy, works for arrays sharded over hosts
+        import jax.numpy as jnp
+
+        n = int(jnp.sum(~jnp.isfinite(a)))
+        return (n, int(a.size)) if n else None
     x = np.asarray(a)
     if x.dtype.kind != "f" and x.dtype.kind != "c":
         x = x.astype(np.float32)
