@@ -210,3 +210,21 @@ def test_converter_names_truncated_nonfinite_and_unsafe_sources(tmp_path):
     with pytest.raises(ConversionError, match="legacy.pth cannot be read as a plain tensor file") as e:
         TensorSource(str(tmp_path / "legacy.pth"))
     assert "weights_only" not in str(e.value)
+
+
+@pytest.mark.parametrize("field,value,expect", [
+    ("data.batch_size", 0, "config.data.batch_size: must be >= 1, got 0"),
+    ("lora.targets", "no_such_module", "the LoRA target regex 'no_such_module' matches no kernel of the model"),
+    ("mesh.data", 3, "devices, but"),
+])
+def test_bad_training_settings_give_one_line_and_exit_2(dataset, tmp_path, capsys, field, value, expect):
+    from svi_jax import cli
+
+    c = _config(dataset)
+    if field == "mesh.data":
+        value = jax.device_count() + 2
+    section, key = field.split(".")
+    c[section][key] = value
+    assert cli.guard(lambda: train_lib.Trainer(c, str(tmp_path / "w"))) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and expect in err, err
