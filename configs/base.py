@@ -35,6 +35,9 @@ def train_config(model: ml_collections.ConfigDict, name: str) -> ml_collections.
     c.optim = ml_collections.ConfigDict(dict(lr=1e-4, weight_decay=0.01, grad_clip=1.0, b1=0.9, b2=0.999, eps=1e-8))
     # trainable: 'lora' (SVI) or 'full' (every DiT weight; e.g. pre-training the drift experiment's tiny base)
     c.train = ml_collections.ConfigDict(dict(num_steps=10000, seed=0, trainable="lora", ckpt_every=500, keep=3,
-                                             max_nonfinite=10, export_lora=True, async_checkpoints=True))
+                                             max_nonfinite=10, export_lora=True, async_checkpoints=True,
+                                             # resume: fields allowed to differ from the run's saved config
+                                             # (comma-separated, e.g. "optim.lr"; see svi_jax/run_config.py)
+                                             allow_changes=""))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, context=1, tensor=1))
     return c

@@ -96,6 +96,9 @@ def save_model(directory: str, kind: str, config: Mapping[str, Any], params) -> 
     meta = {"kind": kind, "format_version": FORMAT_VERSION, "config": dict(config)}
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True, default=_json_default)
+    from svi_jax.integrity import write_checksums
+
+    write_checksums(directory)   # sha256sums.json: verified by load_params
     return directory
 
 
@@ -114,9 +117,12 @@ def read_meta(directory: str) -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"{directory} is not an svi_jax model directory: no config.json "
                               f"(convert weights first with `python convert/from_torch.py ...`)")
-    with open(path) as f:
-        meta = json.load(f)
-    if "kind" not in meta or "config" not in meta:
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is unreadable ({e}); convert the model again") from None
+    if not isinstance(meta, dict) or "kind" not in meta or "config" not in meta:
         raise CheckpointError(f"{path} has no 'kind'/'config' entries; was it written by svi_jax?")
     return meta
 
@@ -128,14 +134,37 @@ def load_params(directory: str, expected, what: str | None = None):
     params_dir = os.path.join(os.path.abspath(directory), "params")
     if not os.path.isdir(params_dir):
         raise CheckpointError(f"{directory}: no params/ directory")
+    from svi_jax import integrity
+
+    try:
+        integrity.verify_checksums(os.path.abspath(directory))
+    except integrity.IntegrityError as e:
+        raise CheckpointError(f"{e}; convert the model again (python convert/from_torch.py ...)") from None
     ckptr = ocp.StandardCheckpointer()
-    meta = ckptr.metadata(params_dir)
-    tree = getattr(meta, "item_metadata", meta)
-    tree = getattr(tree, "tree", tree)
-    stored = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree)
+    try:
+        meta = ckptr.metadata(params_dir)
+        tree = getattr(meta, "item_metadata", meta)
+        tree = getattr(tree, "tree", tree)
+        stored = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree)
+    except Exception as e:  # orbax/tensorstore: missing or damaged metadata
+        raise CheckpointError(f"{params_dir}: unreadable checkpoint metadata ({_first_line(e)}); convert the model "
+                              f"again") from None
     check_tree(expected, stored, what or f"checkpoint {directory}")
     # Restore in the stored dtypes; casting is the caller's choice.
-    return ckptr.restore(params_dir, stored)
+    try:
+        params = ckptr.restore(params_dir, stored)
+    except Exception as e:  # tensorstore: truncated or damaged array files
+        raise CheckpointError(f"{params_dir}: damaged checkpoint ({_first_line(e)}); convert the model again") from None
+    try:
+        integrity.check_tree_finite(params, what or f"checkpoint {directory}")
+    except integrity.NonFiniteError as e:
+        raise CheckpointError(str(e)) from None
+    return params
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0][:limit] if text else type(e).__name__)
 
 
 def load_model_dir(directory: str, kind: str, config_cls, shapes_fn, what: str, dtype=None, param_dtype=None,

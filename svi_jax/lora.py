@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import os
 import re
 from typing import Mapping
 
@@ -127,11 +128,25 @@ def save(lora, path: str, prefix: str = "") -> str:
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
     from safetensors import safe_open
 
+    from svi_jax.integrity import first_nonfinite
+
+    if not os.path.isfile(path):
+        raise LoRAError(f"LoRA file {path} does not exist")
     out = {}
-    with safe_open(path, framework="pt") as f:
-        for k in f.keys():
-            t = f.get_tensor(k)
-            out[k] = t.float().numpy() if t.dtype.is_floating_point else t.numpy()
+    try:
+        with safe_open(path, framework="pt") as f:
+            for k in f.keys():
+                t = f.get_tensor(k)
+                out[k] = t.float().numpy() if t.dtype.is_floating_point else t.numpy()
+    except Exception as e:  # safetensors: truncated, not a safetensors file, damaged header
+        text = str(e).strip().splitlines()
+        raise LoRAError(f"LoRA file {path} is damaged or not a safetensors file "
+                        f"({text[0][:160] if text else type(e).__name__}); export or download it again") from None
+    for k, v in out.items():
+        bad = first_nonfinite(v)
+        if bad is not None:
+            raise LoRAError(f"LoRA file {path}: key {k!r} holds {bad[0]} non-finite (NaN/inf) value(s) of {bad[1]}; "
+                            f"the LoRA comes from a diverged run or is damaged")
     return out
 
 

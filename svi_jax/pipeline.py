@@ -233,7 +233,7 @@ def make_data(config, workdir: str, host_id: int | None = None, num_hosts: int |
                 scroll.write_dataset(videos, num_videos=int(d.synthetic), num_frames=max(int(d.num_frames), 17),
                                      height=int(d.height), width=int(d.width), seed=int(d.seed))
         log.info("building the dataset %s from %s", dataset, videos)
-        builder.build_dataset(videos, dataset)
+        builder.build_dataset(videos, dataset, clip_frames=int(d.num_frames))
     return ClipLoader(dataset, d, host_id=host_id, num_hosts=num_hosts)
 
 

@@ -151,15 +151,11 @@ def to_uint8(frames) -> np.ndarray:
 
 
 def load_image(path: str, height: int, width: int) -> np.ndarray:
-    """An RGB image resized to ``width x height`` (PIL bicubic, as the official ``Image.resize``): uint8 [H, W, 3]."""
-    from PIL import Image
+    """An RGB image resized to ``width x height`` (PIL bicubic, as the official ``Image.resize``): uint8 [H, W, 3].
+    Any mode (16-bit, palette, CMYK, LA, ...) is converted correctly; see :mod:`svi_jax.images`."""
+    from svi_jax import images
 
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"image {path} does not exist")
-    img = Image.open(path).convert("RGB")
-    if img.size != (width, height):
-        img = img.resize((width, height), Image.BICUBIC)
-    return np.asarray(img, np.uint8)
+    return images.load_image(path, height, width)
 
 
 def condition_video(reference_u8: np.ndarray, cond_u8: np.ndarray, num_frames: int, pad: str) -> np.ndarray:
@@ -436,6 +432,22 @@ class Output:
             raise ResumeError(f"missing segment(s) {missing[:3]} in {self.parts}")
         video_io.concat_mp4(parts, self.out)
 
+    def clean(self, done: int) -> list[str]:
+        """Remove what a killed run left behind and a resume at clip ``done`` supersedes: temporary files
+        (``.NAME.*.tmp.*``), carries other than ``carry_<done>``, tails other than ``tail_<done - 1>`` and segments of
+        clips not committed. Returns the names removed."""
+        keep_tail, gone = done - 1, []
+        for name in sorted(os.listdir(self.parts)):
+            m = re.fullmatch(r"(seg|tail|carry)_(\d+)\.\w+", name)
+            stale = name.startswith(".") and ".tmp" in name
+            if m:
+                k = int(m.group(2))
+                stale = {"seg": k >= done, "tail": k != keep_tail, "carry": k != done}[m.group(1)]
+            if stale:
+                os.unlink(os.path.join(self.parts, name))
+                gone.append(name)
+        return gone
+
     def read_lossless(self) -> np.ndarray:
         """The stitched frames from the ``--lossless`` copies (uint8 ``[N, H, W, 3]``)."""
         state = json.load(open(self.state_json))
@@ -495,7 +507,12 @@ def generate(sampler: LongVideoSampler, reference_u8: np.ndarray, prompts: Seque
     meta = {"compile_s": None}
     resume = preflight(out, resume, overwrite)
     if resume:
-        st = json.load(open(o.state_json))
+        try:
+            with open(o.state_json) as f:
+                st = json.load(f)
+        except ValueError as e:                      # torn or edited by hand
+            raise ResumeError(f"{o.state_json} is damaged ({e}); pass --overwrite to start the generation over") \
+                from None
         if st.get("version") != STATE_VERSION:
             raise ResumeError(f"{o.state_json} has state version {st.get('version')}, expected {STATE_VERSION}")
         diff = _diff_keys(st["settings"], settings)
@@ -513,6 +530,9 @@ def generate(sampler: LongVideoSampler, reference_u8: np.ndarray, prompts: Seque
             state = ChainState(done, z["cond_frames"], z["cond_latents"] if "cond_latents" in z else None)
         if done:
             o.publish(done)                          # in case the last run died between commit and publish
+        removed = o.clean(done)                      # superseded carries/tails/segments, temporary files
+        if removed:
+            log.info("removed %d superseded file(s) from %s", len(removed), o.parts)
         log.info("resuming at clip %d of %d", done + 1, num_clips)
     else:
         os.makedirs(o.parts, exist_ok=True)
@@ -643,6 +663,8 @@ def main(argv) -> int:
         if FLAGS.prompt is not None and FLAGS.prompts:
             raise PromptFileError("give either --prompts FILE or --prompt TEXT, not both")
         if FLAGS.prompt is not None:
+            if not FLAGS.prompt.strip():
+                raise PromptFileError("--prompt is empty (as an empty item of a prompt file is): give a prompt")
             prompts = [FLAGS.prompt]
         elif FLAGS.prompts:
             prompts = load_prompts(FLAGS.prompts)
@@ -668,6 +690,9 @@ def main(argv) -> int:
                                    cfg_scale=FLAGS.cfg_scale, solver=FLAGS.solver,
                                    chain=FLAGS.chain, motion_frames=FLAGS.motion_frames, pad=FLAGS.pad,
                                    negative_prompt=FLAGS.negative_prompt, on_step=bar, cfg_batch=FLAGS.cfg_batch)
+        from svi_jax.prompt_checks import warn_long_prompts
+
+        warn_long_prompts(sampler.tokenizer, schedule)
         summary = generate(sampler, reference, schedule, FLAGS.out, seed=FLAGS.seed, seed_times=FLAGS.seed_times,
                            inputs=inputs, resume=FLAGS.resume, overwrite=FLAGS.overwrite,
                            repeat_first_clip=FLAGS.repeat_first_clip, save_clips=FLAGS.save_clips,
@@ -742,7 +767,6 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-    from absl import app
+    from svi_jax import cli  # one-line errors (exit 2), tracebacks only with --debug / SVI_DEBUG=1
 
-    _define_flags()
-    app.run(lambda argv: sys.exit(main(argv)))
+    cli.absl_run(main, _define_flags)

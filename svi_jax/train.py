@@ -56,6 +56,7 @@ def validate_config(config) -> None:
     need(config.train.ckpt_every >= 1, "train.ckpt_every", f"must be >= 1, got {config.train.ckpt_every}")
     need(config.train.keep >= 1, "train.keep", f"must be >= 1, got {config.train.keep}")
     need(config.lora.rank >= 1, "lora.rank", f"must be >= 1, got {config.lora.rank}")
+    need(config.data.batch_size >= 1, "data.batch_size", f"must be >= 1, got {config.data.batch_size}")
     need(config.optim.lr > 0, "optim.lr", f"must be > 0, got {config.optim.lr}")
     need(config.optim.grad_clip > 0, "optim.grad_clip", f"must be > 0, got {config.optim.grad_clip}")
     for p in ("p_noise", "p_latent", "p_image", "p_clean", "p_insert_clean"):
@@ -252,6 +253,13 @@ class Trainer:
         self.config = config
         self.workdir = os.path.abspath(workdir)
         os.makedirs(self.workdir, exist_ok=True)
+        from svi_jax import run_config  # refuse changed settings on resume; keep config.json, add config.N.json
+
+        try:
+            run_config.check_and_record(config, self.workdir, resuming=_has_checkpoints(self.workdir),
+                                        write=jax.process_index() == 0)
+        except run_config.SettingsChanged as e:
+            raise ConfigError(str(e)) from None
         key = jax.random.key(config.train.seed)
         if conditioner is None:
             from svi_jax.pipeline import make_conditioner
@@ -284,14 +292,13 @@ class Trainer:
         return distributed.global_batch(batch, self.step_fn.batch_shardings)
 
     # ---------------------------------------------------------------- checkpoints
-    def _manager(self):
-        import orbax.checkpoint as ocp
+    def _manager(self):  # svi_jax.train_checkpoints: sha256 sums per step, written once orbax finalises it
+        from svi_jax import train_checkpoints
 
         c = self.config.train
-        opts = ocp.CheckpointManagerOptions(max_to_keep=c.keep, enable_async_checkpointing=c.async_checkpoints,
-                                            create=True)
-        return ocp.CheckpointManager(os.path.join(self.workdir, "checkpoints"), options=opts,
-                                     item_names=("state", "data"))
+        root = os.path.join(self.workdir, "checkpoints")
+        self.guard = train_checkpoints.StreakGuard(root, c.keep)
+        return train_checkpoints.make_manager(root, c.keep, c.async_checkpoints)
 
     def save(self, force: bool = False):
         import orbax.checkpoint as ocp
@@ -299,19 +306,29 @@ class Trainer:
         step = int(self.state["step"])
         if step in (self.ckpt.all_steps() or []):
             return
+        if getattr(self, "nonfinite_run", 0):  # never checkpoint a non-finite streak (keep-N would drop the good one)
+            log.warning("step %d: not saving a checkpoint during a run of %d non-finite steps", step,
+                        self.nonfinite_run)
+            return
         self.ckpt.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(saved_part(self.state)),
             data=ocp.args.JsonSave(self.data.get_state())), force=force)
+        self.guard.prune(self.ckpt)
+        if not self.config.train.async_checkpoints:
+            from svi_jax.train_checkpoints import seal
+
+            seal(os.path.join(self.workdir, "checkpoints"))
 
     def restore(self) -> bool:
-        import orbax.checkpoint as ocp
+        from svi_jax import train_checkpoints
 
-        latest = self.ckpt.latest_step()
+        abstract = sharding.abstract(saved_part(self.state), saved_part(self.shardings))  # restored sharded
+        latest, restored, manager = train_checkpoints.restore_newest_good(
+            self.ckpt, os.path.join(self.workdir, "checkpoints"), abstract)
+        self.ckpt = manager if manager is not None else self._manager()
+        self.guard.on_start(self.ckpt)
         if latest is None:
             return False
-        abstract = sharding.abstract(saved_part(self.state), saved_part(self.shardings))  # restored sharded
-        restored = self.ckpt.restore(latest, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
         self.state = with_saved(self.state, restored["state"])
         self.data.set_state(restored["data"])
         log.info("resumed from step %d (%s)", latest, os.path.join(self.workdir, "checkpoints"))
@@ -398,7 +415,8 @@ class Trainer:
                 return
             step, metrics = pending.pop()
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            nonfinite_run = int(m.pop("nonfinite_run"))
+            nonfinite_run = self.nonfinite_run = int(m.pop("nonfinite_run"))
+            self.guard.on_metrics(self.ckpt, step, nonfinite_run == 0)
             now = time.time()
             m.update(step=step, lr=float(self.config.optim.lr), steps_per_s=1.0 / max(now - last["t"], 1e-9))
             last["t"] = now
@@ -409,9 +427,14 @@ class Trainer:
                 post["bank"] = f"{100 * m['bank_fill_latent']:.1f}%"
             bar.set_postfix(post)
             if nonfinite_run >= c.max_nonfinite:
+                good = self.guard.on_stop(self.ckpt)
+                where = (f"the last good state is the checkpoint of step {good} "
+                         f"({os.path.join(self.workdir, 'checkpoints', str(good))}; none was written during the "
+                         f"streak), which a rerun resumes from" if good is not None else
+                         "no checkpoint was written before the streak, so a rerun starts from step 0")
                 raise FloatingPointError(
-                    f"{nonfinite_run} non-finite steps in a row (loss or gradient was NaN/inf) at step {step}; the "
-                    f"last good state is in the latest checkpoint. Lower optim.lr or check the data.")
+                    f"{nonfinite_run} non-finite steps in a row (loss or gradient was NaN/inf) at step {step}; "
+                    f"{where}. Lower optim.lr (with --config.train.allow_changes=optim.lr) or check the data.")
 
         try:
             step = start
@@ -429,6 +452,9 @@ class Trainer:
         finally:
             bar.close()
             self.ckpt.wait_until_finished()
+            from svi_jax.train_checkpoints import seal
+
+            seal(os.path.join(self.workdir, "checkpoints"))
             self.metrics_file.close()
             if self.tb is not None:
                 self.tb.close()
@@ -480,6 +506,11 @@ def quiet_logs():
         ours.propagate = False
 
 
+def _has_checkpoints(workdir: str) -> bool:
+    d = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
+
+
 def _in_main_thread() -> bool:
     import threading
 
@@ -506,8 +537,6 @@ def main(argv):
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    with open(os.path.join(trainer.workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
     trainer.compile()
     summary = trainer.run()
     trainer.close()
@@ -529,7 +558,6 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-    from absl import app
+    from svi_jax import cli  # one-line errors (exit 2), tracebacks only with --debug / SVI_DEBUG=1
 
-    _define_flags()
-    app.run(lambda argv: sys.exit(main(argv)))
+    cli.absl_run(main, _define_flags)

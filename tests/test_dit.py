@@ -267,6 +267,11 @@ def test_bad_checkpoints_fail_clearly(t2v_ref, tmp_path):
     meta = json.load(open(tmp_path / "good" / "config.json"))
     meta["config"]["ffn_dim"] = 48
     json.dump(meta, open(tmp_path / "good" / "config.json", "w"))
+    with pytest.raises(CheckpointError, match=r"good/config\.json is corrupted"):   # its checksum sees the edit
+        svi_jax.load(str(tmp_path / "good"))
+    from svi_jax.integrity import write_checksums
+
+    write_checksums(str(tmp_path / "good"))              # re-sealed on purpose: the shapes are checked
     with pytest.raises(CheckpointError, match=r"blocks/ffn/0/kernel.*expected shape \(2, 24, 48\), got \(2, 24, 40\)"):
         svi_jax.load(str(tmp_path / "good"))
 

@@ -226,6 +226,11 @@ def test_save_load_and_mismatched_dir(tmp_path, vae):
     meta = json.loads((tmp_path / "saved" / "config.json").read_text())
     meta["config"]["base_dim"] = 16
     (tmp_path / "saved" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"saved/config\.json is corrupted"):   # the checksum sees the edit
+        VAE.from_dir(d)
+    from svi_jax.integrity import write_checksums
+
+    write_checksums(d)                                     # a deliberate edit: re-sealed, the shapes are checked
     with pytest.raises(CheckpointError, match=r"key 'decoder/conv_in/bias': expected shape \(64,\), got \(32,\)"):
         VAE.from_dir(d)
 

@@ -44,6 +44,7 @@ class TensorSource:
         self._where: dict[str, tuple[str, str]] = {}  # key -> (kind, file)
         self._torch_sd = None
         self.config: dict | None = None
+        self.check_finite = True      # every tensor read is checked for NaN/inf (an error naming the key)
         files = self._files()
         if not files:
             raise ConversionError(f"no checkpoint files found at {src} "
@@ -57,9 +58,7 @@ class TensorSource:
                     if k != "__metadata__":
                         self._where[k] = ("st", f)
             else:
-                import torch
-
-                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                sd = _torch_load(f)
                 if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
                     sd = sd["state_dict"]
                 if not isinstance(sd, dict):
@@ -139,19 +138,58 @@ class TensorSource:
             with open(f, "rb") as fh:
                 fh.seek(offset + start)
                 buf = fh.read(end - start)
+            n = int(np.prod(info["shape"], dtype=np.int64)) * dt.itemsize
+            if len(buf) != n or end - start != n:
+                raise ConversionError(f"{f}: tensor {real!r} {tuple(info['shape'])} needs {n} bytes but the file holds "
+                                      f"{len(buf)}: the file is truncated or damaged; download it again")
             a = np.frombuffer(buf, dtype=dt).reshape(info["shape"])
-            return a.astype(np.float32) if a.dtype in (np.dtype(np.float16), BF16) else a.copy()
-        import torch
+            a = a.astype(np.float32) if a.dtype in (np.dtype(np.float16), BF16) else a.copy()
+        else:
+            import torch
 
-        t = self._torch_sd[real]
-        if t.dtype in (torch.bfloat16, torch.float16):
-            t = t.float()
-        return t.detach().cpu().numpy()
+            t = self._torch_sd[real]
+            if t.dtype in (torch.bfloat16, torch.float16):
+                t = t.float()
+            try:
+                a = t.detach().cpu().numpy()
+            except RuntimeError as e:  # a truncated mmap'ed .pth
+                raise ConversionError(f"{f}: tensor {real!r} cannot be read ({e}); the file is damaged") from None
+        if self.check_finite:
+            from svi_jax.integrity import first_nonfinite
+
+            bad = first_nonfinite(a)
+            if bad is not None:
+                raise ConversionError(f"{f}: tensor {real!r} holds {bad[0]} non-finite (NaN/inf) value(s) of "
+                                      f"{bad[1]}; the source is damaged or comes from a diverged run")
+        return a
 
 
 _ST_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": BF16, "F64": np.dtype(np.float64),
               "I64": np.dtype(np.int64), "I32": np.dtype(np.int32), "I16": np.dtype(np.int16),
               "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(bool)}
+
+
+def _torch_load(path: str):
+    """``torch.load(weights_only=True, mmap=True)``; a file that is not a plain tensor archive (pickled code, the
+    legacy format, damaged) is a :class:`ConversionError` naming the file (never advice to weaken the loader)."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError,
+            AttributeError, TypeError) as e:
+        text = str(e)
+        if "legacy" in text or "mmap" in text or "zip" in text.lower():
+            why = "it is in torch's legacy (non-zip) format or truncated"
+        elif "Weights only" in text or "Unsupported global" in text or "GLOBAL" in text:
+            why = "it holds pickled objects other than tensors (code may run when such a file is loaded)"
+        else:
+            why = f"it is damaged or not a torch checkpoint ({text.splitlines()[0][:120] if text else type(e).__name__})"
+        raise ConversionError(f"{path} cannot be read as a plain tensor file: {why}. Use the official release "
+                              f"file, or re-save it as .safetensors with a tool you trust") from None
 
 
 def _read_st_header(path: str) -> tuple[int, dict]:

@@ -7,7 +7,8 @@ Sources (auto-detected from the tensor names):
   single safetensors/.pth file in that layout.
 
 The architecture comes from ``--config`` (a diffusers or svi_jax VAE config.json), else from a ``config.json``
-beside the source, else the Wan2.1 defaults with ``base_dim``/``z_dim`` read from the tensor shapes. Every key is
+beside the source, else every dimension (base_dim, decoder_base_dim, z_dim, dim_mult, num_res_blocks,
+temperal_downsample) is read from the tensor shapes (:func:`infer_arch`), with Wan2.1's latent statistics. Every key is
 checked (missing, unexpected, mis-shaped -> one error naming each key and both shapes) before tensors are read.
 
     python convert/from_torch.py vae --src Wan2.1_VAE.pth --dst ckpt/vae
@@ -176,6 +177,51 @@ def detect_layout(keys) -> str:
                           f"encoder.down_blocks.*); first keys: {keys[:5]}")
 
 
+def infer_arch(src: TensorSource, layout: str) -> dict:
+    """``base_dim``, ``decoder_base_dim``, ``z_dim``, ``dim_mult``, ``num_res_blocks``, ``temperal_downsample`` from
+    the tensor shapes of an official (``encoder.downsamples.K``) or diffusers (``encoder.down_blocks.K``) VAE: the
+    encoder's flat list holds ``num_res_blocks`` residual blocks per level with a resample between levels (a
+    ``time_conv`` where that level also halves time)."""
+    off = layout == "official"
+    conv_in = "encoder.conv1.weight" if off else "encoder.conv_in.weight"
+    post = "conv2.weight" if off else "post_quant_conv.weight"
+    dec_in = "decoder.conv1.weight" if off else "decoder.conv_in.weight"
+    prefix = "encoder.downsamples." if off else "encoder.down_blocks."
+    res_out = "residual.6.weight" if off else "conv2.weight"
+    for k in (conv_in, post, dec_in):
+        if k not in src:
+            raise ConversionError(f"{src.src}: missing key {k!r}; cannot infer the VAE architecture (pass --config)")
+    base = src.shape(conv_in)[0]
+    idx = sorted({int(m.group(1)) for k in src.keys() if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))})
+    levels, current, temporal = [], [], []
+    for i in idx:
+        if f"{prefix}{i}.resample.1.weight" in src:
+            levels.append(current)
+            current = []
+            temporal.append(f"{prefix}{i}.time_conv.weight" in src)
+        elif f"{prefix}{i}.{res_out}" in src:
+            current.append(src.shape(f"{prefix}{i}.{res_out}")[0])
+        else:
+            raise ConversionError(f"{src.src}: {prefix}{i} is neither a residual block nor a resample; cannot infer "
+                                  f"the VAE architecture (pass --config)")
+    levels.append(current)
+    nrb = {len(lv) for lv in levels}
+    if len(nrb) != 1 or not levels[0]:
+        raise ConversionError(f"{src.src}: the encoder levels hold {[len(lv) for lv in levels]} residual blocks; "
+                              f"cannot infer num_res_blocks (pass --config)")
+    mult = []
+    for lv in levels:
+        if lv[-1] % base:
+            raise ConversionError(f"{src.src}: an encoder level is {lv[-1]} wide, not a multiple of base_dim {base}")
+        mult.append(lv[-1] // base)
+    dec = src.shape(dec_in)[0]
+    dec_base = dec // mult[-1] if dec % mult[-1] == 0 else None
+    if dec_base is None:
+        raise ConversionError(f"{src.src}: {dec_in} is {dec} wide, not a multiple of dim_mult[-1] {mult[-1]}")
+    return dict(base_dim=base, decoder_base_dim=None if dec_base == base else dec_base, z_dim=src.shape(post)[0],
+                dim_mult=tuple(mult), num_res_blocks=nrb.pop(), temperal_downsample=tuple(temporal))
+
+
 def resolve_config(src: TensorSource, layout: str, config: dict | str | None = None):
     """VAEConfig from ``config`` (dict or JSON path), a config.json beside the source, or Wan2.1 defaults."""
     from svi_jax.models.vae import VAEConfig, wan21_config
@@ -190,17 +236,12 @@ def resolve_config(src: TensorSource, layout: str, config: dict | str | None = N
     try:
         if config is not None:
             return VAEConfig.from_dict(config)
-        # No config: Wan2.1 with the widths the tensors show.
-        kw = {}
-        conv_in = "encoder.conv1.weight" if layout == "official" else "encoder.conv_in.weight"
-        post = "conv2.weight" if layout == "official" else "post_quant_conv.weight"
-        if conv_in in src:
-            kw["base_dim"] = src.shape(conv_in)[0]
-        if post in src:
-            z = src.shape(post)[0]
-            if z != 16:
-                raise ConversionError(f"{post} has shape {src.shape(post)}: z_dim {z} needs a --config "
-                                      f"(with latents_mean/latents_std of {z} entries)")
+        # No config: every dimension read from the tensors (Wan2.1's latent statistics for z_dim 16).
+        kw = infer_arch(src, layout)
+        z = kw["z_dim"]
+        if z != 16:
+            raise ConversionError(f"the tensors give z_dim {z}: pass --config (or put a config.json beside the file) "
+                                  f"with latents_mean/latents_std of {z} entries")
         return wan21_config(**kw)
     except (ValueError, TypeError) as e:
         if isinstance(e, ConversionError):

@@ -52,7 +52,7 @@ def cmd_build(args) -> int:
             file_column=args.file_column or "Filename", caption_column=args.caption_column or "Video Description",
             encoding=args.encoding, caption_errors=args.caption_errors, min_frames=args.min_frames,
             min_size=args.min_size, max_decode_errors=args.max_decode_errors, workers=args.workers,
-            overwrite=args.overwrite, progress=not args.quiet)
+            overwrite=args.overwrite, progress=not args.quiet, clip_frames=args.clip_frames)
     except (CaptionError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -143,6 +143,8 @@ def main(argv=None) -> int:
     b.add_argument("--min-size", type=int, default=16, help="skip videos whose short side is smaller")
     b.add_argument("--max-decode-errors", type=int, default=0, help="skip videos with more ffmpeg decode errors")
     b.add_argument("--workers", type=int, default=2, help="videos probed concurrently")
+    b.add_argument("--clip-frames", type=int, default=81, help="training clip length: shorter videos are noted "
+                   "(shorter_than_<N>_frames; the sampler repeats their last frame)")
     b.add_argument("--overwrite", action="store_true")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(fn=cmd_build)
@@ -187,4 +189,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from svi_jax import cli  # one-line errors (exit 2), tracebacks only with --debug / SVI_DEBUG=1
+
+    sys.exit(cli.run(main))

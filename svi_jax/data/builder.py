@@ -60,11 +60,13 @@ class SviVideos(tfds.core.GeneratorBasedBuilder):
 
     def __init__(self, *, videos: Optional[str] = None, scan: Optional[scan_lib.Scan] = None,
                  min_frames: int = 5, min_size: int = 16, max_decode_errors: int = 0,
-                 max_bytes: int = 2_000_000_000, workers: int = 2, progress: bool = True, **kwargs):
+                 max_bytes: int = 2_000_000_000, workers: int = 2, progress: bool = True, clip_frames: int = 81,
+                 **kwargs):
         self._videos = videos
         self._scan = scan
         self._limits = dict(min_frames=min_frames, min_size=min_size, max_decode_errors=max_decode_errors,
                             max_bytes=max_bytes)
+        self._clip_frames = int(clip_frames)
         self._workers = max(1, workers)
         self._progress = progress
         self.report = None
@@ -91,7 +93,7 @@ class SviVideos(tfds.core.GeneratorBasedBuilder):
         return {"train": self._generate_examples()}
 
     def _generate_examples(self):
-        rep = _Report(self._scan)
+        rep = _Report(self._scan, self._clip_frames)
         self.report = rep
         todo = [e for e in self._scan.entries if e.skip is None]
         for e in self._scan.entries:
@@ -157,8 +159,9 @@ def _ordered_map(pool, fn, items, lookahead):
 
 
 class _Report:
-    def __init__(self, scan):
+    def __init__(self, scan, clip_frames: int = 81):
         self.scan = scan
+        self.clip_frames = int(clip_frames)   # the training clip length: shorter videos are noted
         self.kept = 0
         self.skipped = collections.Counter()
         self.skipped_files = []
@@ -182,8 +185,8 @@ class _Report:
             self.notes["grayscale"] += 1
         if entry.caption_source == "fallback":
             self.notes["fallback_caption"] += 1
-        if info.num_frames < 81:
-            self.notes["shorter_than_81_frames"] += 1
+        if info.num_frames < self.clip_frames:
+            self.notes[f"shorter_than_{self.clip_frames}_frames"] += 1
 
     def as_dict(self):
         f = np.asarray(self.frames or [0])
@@ -219,7 +222,7 @@ def build_dataset(videos: str, out: str, *, captions: Optional[str] = None,
                   caption_column: str = scan_lib.OFFICIAL_CAPTION_COLUMN, encoding: str = "utf-8",
                   caption_errors: str = "skip", min_frames: int = 5, min_size: int = 16,
                   max_decode_errors: int = 0, workers: int = 2, overwrite: bool = False,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, clip_frames: int = 81) -> dict:
     """Scan, probe, and write the TFDS dataset under out/svi_videos/1.0.0; returns (and writes) the summary.
 
     Raises CaptionError at once for an unusable CSV and FileExistsError for an existing build unless
@@ -235,14 +238,14 @@ def build_dataset(videos: str, out: str, *, captions: Optional[str] = None,
     os.makedirs(out, exist_ok=True)
     builder = SviVideos(videos=videos, scan=scan, min_frames=min_frames, min_size=min_size,
                         max_decode_errors=max_decode_errors, workers=workers, progress=progress,
-                        data_dir=out, file_format="array_record")
+                        clip_frames=clip_frames, data_dir=out, file_format="array_record")
     failure = None
     with tempfile.TemporaryDirectory(prefix="svi_tfds_dl_") as dl:
         try:
             _quiet_tfds(lambda: builder.download_and_prepare(download_dir=dl))
         except Exception as e:  # TFDS refuses an empty split; anything else is re-raised below
             failure = e
-    report = builder.report or _Report(scan)
+    report = builder.report or _Report(scan, clip_frames)
     if failure is not None and report.kept > 0:
         raise failure
     summary = {

@@ -111,6 +111,7 @@ def read_caption_csv(path: str, file_column: str = OFFICIAL_FILE_COLUMN,
     try:
         for line, row in enumerate(reader, start=2):
             if not any(cell.strip() for cell in row):
+                notes["csv_empty_row"] += 1     # a blank line: noted, as docs/data.md says
                 continue
             rows += 1
             name = row[fi].strip() if fi < len(row) else ""

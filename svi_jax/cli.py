@@ -1,0 +1,147 @@
+"""One way every command line fails: a single ``error: ...`` line (exit code 2) for an expected failure, a short
+``error: internal error ...`` line (exit code 1) for anything else, and the traceback only with ``--debug`` or
+``SVI_DEBUG=1``.
+
+Used by ``python -m svi_jax.train``, ``python -m svi_jax.sample``, ``convert/from_torch.py``, ``python -m
+svi_jax.data``, ``python -m svi_jax.plan`` and ``python -m svi_jax.eval.drift``::
+
+    sys.exit(cli.run(main, argv))                       # argparse tools
+    cli.absl_run(main, _define_flags)                   # absl tools (train, sample)
+
+Messages never advise weakening a safety check (``weights_only=False``, ``strict=False``): text from a library that
+does is replaced by a neutral explanation.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Callable, Sequence
+
+DEBUG_ENV = "SVI_DEBUG"
+
+# advice from libraries that must never reach a user
+_UNSAFE = ("weights_only=False", "strict=False", "weights_only = False", "strict = False")
+
+
+def debug_enabled(argv: Sequence[str] | None = None) -> bool:
+    if os.environ.get(DEBUG_ENV, "").strip() not in ("", "0", "false", "False"):
+        return True
+    return bool(argv) and "--debug" in argv
+
+
+def strip_debug(argv: Sequence[str]) -> list[str]:
+    return [a for a in argv if a not in ("--debug", "--nodebug")]
+
+
+def expected_errors() -> tuple[type, ...]:
+    """The exception types that mean bad input (a file, a key, a field), not a bug."""
+    out: list[type] = [ValueError, OSError, KeyError, EOFError, FloatingPointError]
+    try:
+        from PIL import Image, UnidentifiedImageError
+
+        out += [UnidentifiedImageError, Image.DecompressionBombError]
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from safetensors import SafetensorError
+
+        out.append(SafetensorError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(out)
+
+
+def message(e: BaseException) -> str:
+    """One line for ``e``: its message with newlines folded and unsafe advice removed."""
+    text = str(e).strip()
+    if isinstance(e, (KeyError, AttributeError)) and len(e.args) == 1:
+        arg = e.args[0]
+        arg = arg.args[0] if isinstance(arg, BaseException) and arg.args else arg
+        text = str(arg) if isinstance(e, AttributeError) else f"missing key {arg!r}"
+    if isinstance(e, OSError) and getattr(e, "filename", None) and e.strerror:
+        text = f"{e.filename}: {e.strerror}"
+    if any(u in text for u in _UNSAFE):
+        text = text.split("\n")[0]
+        for u in _UNSAFE:
+            if u in text:
+                text = text[: text.index(u)].rstrip(" (,;:") + " (refused: the file holds more than plain tensors)"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return "; ".join(lines) if lines else type(e).__name__
+
+
+def quiet_asyncio() -> None:
+    """Drop the 'Event loop is closed' noise orbax's background threads print after a failure."""
+
+    class _Drop(logging.Filter):
+        def filter(self, record):
+            text = record.getMessage()
+            if record.exc_info and record.exc_info[1] is not None:
+                text += str(record.exc_info[1])
+            return "Event loop is closed" not in text
+
+    for name in ("asyncio", "absl", ""):
+        logging.getLogger(name).addFilter(_Drop())
+    old = sys.unraisablehook
+
+    def hook(u):
+        if isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value):
+            return
+        old(u)
+
+    sys.unraisablehook = hook
+
+
+def guard(fn: Callable[[], int | None], debug: bool = False, expected: tuple[type, ...] = ()) -> int:
+    """Run ``fn``; expected failures -> one ``error:`` line and 2; others -> one line and 1 (re-raised with debug)."""
+    quiet_asyncio()
+    try:
+        rc = fn()
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except expected_errors() + tuple(expected) as e:
+        if debug:
+            raise
+        print(f"error: {message(e)}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a bug: still one line unless --debug
+        if debug:
+            raise
+        print(f"error: internal error ({type(e).__name__}: {message(e)[:300]}); rerun with --debug (or "
+              f"{DEBUG_ENV}=1) for the traceback and report it", file=sys.stderr)
+        return 1
+    return int(rc or 0)
+
+
+def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> int:
+    """An argparse tool's ``main(argv)`` under :func:`guard` (``--debug`` anywhere in ``argv`` is taken out)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return guard(lambda: main(strip_debug(argv)), debug_enabled(argv))
+
+
+def absl_run(main: Callable[[list[str]], int], define_flags: Callable[[], None]) -> None:
+    """``absl.app.run`` with one-line flag errors (a typo in ``--config.x=...``) and :func:`guard`."""
+    from absl import app, flags
+
+    debug = debug_enabled(sys.argv[1:])
+    define_flags()
+
+    def parse(argv):
+        try:
+            return flags.FLAGS(strip_debug(argv))
+        except flags.Error as e:
+            if debug:
+                raise
+            print(f"error: {message(e)} (see --help)", file=sys.stderr)
+            sys.exit(2)
+        except Exception as e:  # ml_collections: an override of a field that does not exist, a config file error
+            if debug:
+                raise
+            what = "no such config field " if isinstance(e, (AttributeError, KeyError)) else ""
+            print(f"error: {what}{message(e)} (check the --config.a.b=value overrides)", file=sys.stderr)
+            sys.exit(2)
+
+    app.run(lambda argv: sys.exit(guard(lambda: main(argv), debug)), flags_parser=parse)
