@@ -112,6 +112,8 @@ def pose_tokens(cfg, extra, grid):
     extra = extra or {}
     if "pose_tokens" in extra:
         tok = extra["pose_tokens"]
+        if tok.shape[1] != grid[0] * grid[1] * grid[2]:
+            raise ValueError(f"{tok.shape[1]} pose tokens for a {tuple(grid)} token grid")
     elif "pose" in extra:
         check_pose_grid(extra["pose"].shape, grid)
         tok = PoseEmbedding(cfg.dim, cfg.dtype, cfg.param_dtype, name="dwpose_embedding")(extra["pose"])
@@ -126,3 +128,14 @@ def pose_tokens(cfg, extra, grid):
 def init_pose(dim: int):
     """Zero pose frames for initialising a DiT with a pose embedding (one latent token: T=1, 16x16 pixels)."""
     return jnp.zeros((1, 1, 16, 16, 3), jnp.float32)
+
+
+def embed_once(cfg, params, extra):
+    """``extra`` with its pose frames replaced by their tokens (``'pose'`` -> ``'pose_tokens'``), so a sampler
+    embeds the pose once per clip rather than at every step. Other entries pass through."""
+    if not extra or "pose" not in extra or not getattr(cfg, "pose_embedding", False):
+        return extra
+    out = {k: v for k, v in extra.items() if k != "pose"}
+    emb = PoseEmbedding(cfg.dim, cfg.dtype, cfg.param_dtype)
+    out["pose_tokens"] = emb.apply({"params": params["dwpose_embedding"]}, extra["pose"])
+    return out
