@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import os
 
 import numpy as np
@@ -153,3 +154,34 @@ def merge_adapter(dit_params: dict, path: str, scale: float = 1.0) -> dict:
     lora, pose, _ = load_adapter(path, dit_params)
     base = {k: v for k, v in dit_params.items() if k != "dwpose_embedding"}
     return {**lora_lib.merge(base, lora, scale), "dwpose_embedding": pose}
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def has_pose_module(dit_dir: str) -> bool:
+    try:
+        with open(os.path.join(dit_dir, "config.json")) as f:
+            return bool(json.load(f).get("config", {}).get("pose_embedding", False))
+    except (OSError, ValueError):
+        return False
+
+
+def cli_streams(config, pose=None, pose_dir=None, lora=None, motion_frames=None) -> tuple[list, dict]:
+    """``([PoseStream], inputs)`` for a model with a pose embedding, ``([], {})`` otherwise (errors name the flag)."""
+    if not config.model.get("pose_embedding", False):
+        if pose or pose_dir:
+            raise PoseError("--pose/--pose_dir need a model with a pose embedding (e.g. --config configs/dance.py)")
+        return [], {}
+    dit = config.checkpoints.get("dit", "")
+    if dit and not lora and not has_pose_module(dit):
+        raise PoseError(f"the DiT checkpoint {dit} has no pose module: give --lora with an SVI-Dance / UniAnimate "
+                        f"adapter (svi-dance.safetensors, a .ckpt, an adapter dir or a training workdir)")
+    src = [p for p in (pose, pose_dir) if p]
+    if len(src) != 1:
+        raise PoseError("this model has a pose embedding (SVI-Dance): give exactly one of --pose VIDEO or "
+                        "--pose_dir DIR")
+    d = config.data
+    m = int(motion_frames or d.get("num_motion_frames", 1))
+    stream = PoseStream.from_path(src[0], int(d.num_frames), int(d.height), int(d.width), m)
+    return [stream], {"pose": os.path.abspath(src[0])}

@@ -721,22 +721,11 @@ def main(argv) -> int:
 
 
 def condition_streams(config, FLAGS) -> tuple[list, dict]:
-    """The extra condition streams the model config asks for (SVI-Dance: the pose), and their input records."""
-    streams, inputs = [], {}
-    d = config.data
-    if config.model.get("pose_embedding", False):
-        from svi_jax.dance import PoseStream
+    """The extra condition streams the model config asks for, and their input records (SVI-Dance: the pose)."""
+    from svi_jax.dance import cli_streams
 
-        src = [p for p in (FLAGS.pose, FLAGS.pose_dir) if p]
-        if len(src) != 1:
-            raise ValueError("this model has a pose embedding (SVI-Dance): give exactly one of --pose VIDEO or "
-                             "--pose_dir DIR")
-        m = int(FLAGS.motion_frames or d.get("num_motion_frames", 1))
-        streams.append(PoseStream.from_path(src[0], int(d.num_frames), int(d.height), int(d.width), m))
-        inputs["pose"] = os.path.abspath(src[0])
-    elif FLAGS.pose or FLAGS.pose_dir:
-        raise ValueError("--pose/--pose_dir need a model with a pose embedding (e.g. --config configs/dance.py)")
-    return streams, inputs
+    return cli_streams(config, pose=FLAGS.pose, pose_dir=FLAGS.pose_dir, lora=FLAGS.lora,
+                       motion_frames=FLAGS.motion_frames)
 
 
 def _define_flags():

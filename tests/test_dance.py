@@ -2,8 +2,6 @@
 diffusers' WanTransformer3DModel with the same addition, and the adapter converter round trip."""
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -145,7 +145,9 @@ def _cli(env, out, extra_env=None, resume=False):
            f"--pose_dir={env['dir'] / 'poses'}", "--prompt=the person is dancing", f"--out={out}",
            f"--lora={env['dir'] / 'adapter'}", f"--num_steps={STEPS}", "--num_clips=3", "--keep_first_prompt",
            "--lossless", "--noprogress", "--nocfg_batch"] + (["--resume"] if resume else [])
-    e = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, **(extra_env or {}))
+    e = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, JAX_COMPILATION_CACHE_DIR=str(env["dir"] / "jax_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+             **(extra_env or {}))
     return subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -179,14 +181,11 @@ def test_dance_cli_kill_then_resume_is_identical(env, tmp_path):
     assert [c["pose_window"] for c in side["clips"]] == [[0, 3], [3, 0], [0, 3]]
 
 
-def test_dance_cli_errors(env, tmp_path, capsys):
+def test_dance_cli_errors(env, tmp_path):
     out = str(tmp_path / "x.mp4")
-    from absl import flags
-
     base = [f"--config={CFG}", f"--image={env['dir'] / 'ref.png'}", "--prompt=d", f"--out={out}"]
     for extra, msg in (([], "exactly one of --pose"), ([f"--pose={tmp_path / 'none.mp4'}"], "does not exist"),
                        ([f"--pose_dir={tmp_path}"], "holds no images")):
         r = subprocess.run([sys.executable, "-m", "svi_jax.sample"] + base + extra, cwd=ROOT, capture_output=True,
                            env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT), timeout=300)
         assert r.returncode == 2 and msg in r.stderr.decode(), r.stderr.decode()[-2000:]
-    del flags
