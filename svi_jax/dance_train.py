@@ -30,9 +30,12 @@ def with_pose_params(cfg, params: dict, key) -> dict:
     (the trained one comes from ``config.dance.adapter``)."""
     if not cfg.pose_embedding or POSE in params:
         return params
-    from svi_jax.models.dit import init_params
+    from flax.linen import meta
 
-    return dict(params, **{POSE: init_params(cfg, key)[POSE]})
+    from svi_jax.models.pose import PoseEmbedding, init_pose
+
+    emb = PoseEmbedding(cfg.dim, cfg.dtype, cfg.param_dtype)          # the pose module alone, never the 14B DiT
+    return dict(params, **{POSE: meta.unbox(jax.jit(lambda k: emb.init(k, init_pose(cfg.dim)))(key)["params"])})
 
 
 def init_trainable(config, dit_params: dict, lora: dict) -> dict:

@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="docs/dance/strip.png")
     ap.add_argument("--workdir", default="runs/dance_strip")
-    ap.add_argument("--train_steps", type=int, default=400)
+    ap.add_argument("--train_steps", type=int, default=80)
     ap.add_argument("--trainable", default="full", choices=["full", "lora"],
                     help="full: every DiT weight + the pose module (a random base learns something in minutes); "
                          "lora: the SVI-Dance recipe (LoRA + pose module on a frozen base)")
