@@ -29,6 +29,9 @@ RUNTIME = [
 # PyTorch reference + converters. torch is pinned: an unpinned torch pulls a multi-GB CUDA build.
 TORCH = ["torch==2.13.0", "diffusers", "transformers", "peft", "safetensors"]
 
+# DWPose skeletons from videos (python -m svi_jax.data pose): ONNX models on onnxruntime, OpenCV drawing.
+POSE = ["onnxruntime", "opencv-python-headless"]
+
 setup(
     name="svi_jax",
     version="0.1.0",
@@ -39,7 +42,8 @@ setup(
     install_requires=RUNTIME,
     extras_require={
         "torch": TORCH,
-        "test": TORCH + ["pytest", "pytest-xdist"],
+        "pose": POSE,
+        "test": TORCH + POSE + ["pytest", "pytest-xdist", "onnx"],
         "cuda": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
     },

@@ -7,6 +7,8 @@ Usage:
   python convert/from_torch.py t5   --src models_t5_umt5-xxl-enc-bf16.pth --dst DIR [--tokenizer DIR]
   python convert/from_torch.py clip --src models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth --dst DIR
   python convert/from_torch.py dit-to-torch --src DIR --dst FILE.safetensors   (back to the official layout)
+  python convert/from_torch.py dance --src UniAnimate-Wan2.1-14B-Lora-12000.ckpt --dst DIR   (LoRA + pose module)
+  python convert/from_torch.py dance-to-torch --src DIR --dst svi-dance.safetensors          (or .ckpt)
 
 Each kind detects the source layout (official Wan / diffusers / transformers) from the tensor names, reads
 tensors one at a time (safetensors lazily, .pth via torch.load(weights_only=True, mmap=True)), shows a
@@ -29,6 +31,8 @@ KINDS = {
     "vae": ("svi_jax.convert.vae", "Wan2.1 VAE (Wan2.1_VAE.pth or diffusers AutoencoderKLWan)"),
     "t5": ("svi_jax.convert.t5", "UMT5-XXL encoder (official .pth or transformers UMT5EncoderModel)"),
     "clip": ("svi_jax.convert.clip", "CLIP ViT-H/14 visual tower (official open-clip .pth or transformers)"),
+    "dance": ("svi_jax.convert.dance", "UniAnimate / SVI-Dance LoRA + dwpose_embedding (.ckpt or .safetensors)"),
+    "dance-to-torch": ("svi_jax.convert.dance_export", "our dance adapter -> SVI-Dance .safetensors / .ckpt"),
 }
 
 

@@ -155,6 +155,8 @@ class PixelConditioner:
 
             out["clip_fea"] = CLIPVisionTower(self.clip_cfg).apply({"params": params["clip"]},
                                                                    preprocess(batch["first_frame"], self.clip_cfg))
+        if "pose" in batch:
+            out["pose"] = batch["pose"]
         return out
 
     def device_batch(self, batch: dict) -> dict:
@@ -164,6 +166,8 @@ class PixelConditioner:
         if self.i2v:
             out["cond"] = jnp.asarray(batch["cond"], jnp.float32)
             out["first_frame"] = jnp.asarray(batch["first_frame"], jnp.float32)
+        if "pose" in batch:                          # SVI-Dance skeleton frames (0..255), fed to the DiT as extra
+            out["pose"] = jnp.asarray(batch["pose"], jnp.float32)
         return out
 
 

@@ -212,7 +212,7 @@ class LongVideoSampler:
                  shift: float = 5.0, cfg_scale: float = 5.0, solver: str = "euler", chain: str = "pixel",
                  motion_frames: Optional[int] = None, pad: Optional[str] = None, negative_prompt: str = NEGATIVE_PROMPT,
                  dit_params=None, dit_config=None, on_step: Optional[Callable[[int], None]] = None,
-                 cfg_batch: Optional[bool] = None):
+                 cfg_batch: Optional[bool] = None, streams: Sequence = ()):
         from svi_jax import pipeline
         from svi_jax.models.dit import DiTConfig
 
@@ -235,6 +235,9 @@ class LongVideoSampler:
         self.chain = chain
         self.num_steps, self.shift, self.cfg_scale, self.solver = int(num_steps), float(shift), float(cfg_scale), solver
         self.negative_prompt = negative_prompt
+        # extra condition streams (e.g. svi_jax.dance.PoseStream): extra(k) / neg_extra(k) -> WanDiT(extra=...),
+        # record(k) -> clip record entries, settings() -> checked on --resume
+        self.streams = list(streams)
 
         mcfg = dict(config.model.to_dict() if dit_config is None else dit_config.to_dict(),
                     remat_policy="none")                            # inference: nothing to rematerialise
@@ -246,7 +249,12 @@ class LongVideoSampler:
         if lora:
             from svi_jax import lora as lora_lib
 
-            dit_params = lora_lib.merge_file(dit_params, resolve_lora(lora), scale=float(lora_scale))
+            if self.dit_config.pose_embedding:           # SVI-Dance: LoRA + dwpose_embedding
+                from svi_jax.dance import merge_adapter
+
+                dit_params = merge_adapter(dit_params, resolve_lora(lora), scale=float(lora_scale))
+            else:
+                dit_params = lora_lib.merge_file(dit_params, resolve_lora(lora), scale=float(lora_scale))
         self.params = dit_params
 
         self.codec = pipeline.Codec.from_config(config)
@@ -319,10 +327,21 @@ class LongVideoSampler:
         shape = y.shape[:-1] + (self.dit_config.out_dim,)
         return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
 
-    def _sample_args(self, prompt: str, y, clip_fea, seed: int):
+    def _sample_args(self, prompt: str, y, clip_fea, seed: int, clip: int = 0):
         ctx = self.encode_text(prompt)
         neg = self.encode_text(self.negative_prompt) if self.cfg_scale != 1.0 else ctx
-        return self.params, self.noise(y, seed), ctx, neg, clip_fea, y
+        extra, neg_extra = self.extra_conditions(clip)
+        return self.params, self.noise(y, seed), ctx, neg, clip_fea, y, None, extra, neg_extra
+
+    def extra_conditions(self, clip: int):
+        """``(extra, neg_extra)`` of clip ``clip`` from the condition streams (``(None, None)`` without any)."""
+        if not self.streams:
+            return None, None
+        extra, neg = {}, {}
+        for s in self.streams:
+            extra.update({k: jnp.asarray(v) for k, v in s.extra(clip).items()})
+            neg.update({k: jnp.asarray(v) for k, v in s.neg_extra(clip).items()})
+        return extra, neg
 
     def compile(self, prompt: str, y, clip_fea) -> float:
         """Compile the sampler for these shapes ahead of time (seconds taken); later calls reuse the executable."""
@@ -331,9 +350,9 @@ class LongVideoSampler:
         self.compile_s = time.perf_counter() - t0
         return self.compile_s
 
-    def sample(self, prompt: str, y, clip_fea, seed: int) -> jax.Array:
-        """Denoised latents ``[1, F, h, w, C]`` of one clip."""
-        return self.sample_fn(*self._sample_args(prompt, y, clip_fea, seed))
+    def sample(self, prompt: str, y, clip_fea, seed: int, clip: int = 0) -> jax.Array:
+        """Denoised latents ``[1, F, h, w, C]`` of one clip (``clip``: its index, for the condition streams)."""
+        return self.sample_fn(*self._sample_args(prompt, y, clip_fea, seed, clip))
 
     def decode(self, latents) -> np.ndarray:
         """uint8 frames ``[T, H, W, 3]``."""
@@ -354,7 +373,7 @@ class LongVideoSampler:
         parts = []
         for k, prompt in enumerate(prompts):
             y, clip_fea = self.conditioning(state, reference_u8)
-            latents = self.sample(prompt, y, clip_fea, clip_seed(seed, k, seed_times))
+            latents = self.sample(prompt, y, clip_fea, clip_seed(seed, k, seed_times), k)
             frames = self.decode(latents)
             parts.append(frames[: self.new_frames_per_clip])
             state = self.next_state(state, frames, latents)
@@ -376,7 +395,8 @@ class LongVideoSampler:
                 "train_seed": int(c.train.seed), "num_frames": self.T, "height": self.H, "width": self.W,
                 "motion_frames": self.m, "pad": self.pad, "chain": self.chain, "num_steps": self.num_steps,
                 "shift": self.shift, "cfg_scale": self.cfg_scale, "cfg_batch": self.cfg_batch, "solver": self.solver,
-                "negative_prompt": self.negative_prompt}
+                "negative_prompt": self.negative_prompt,
+                **{k: v for s in self.streams for k, v in s.settings().items()}}
 
 
 def resolve_lora(path: str) -> str:
@@ -384,11 +404,21 @@ def resolve_lora(path: str) -> str:
     if os.path.isdir(path):
         cand = os.path.join(path, "lora.safetensors")
         if not os.path.isfile(cand):
+            if _is_adapter_dir(path):                   # SVI-Dance: a converted adapter directory
+                return path
             raise FileNotFoundError(f"{path} is a directory without lora.safetensors")
         return cand
     if not os.path.isfile(path):
         raise FileNotFoundError(f"LoRA file {path} does not exist")
     return path
+
+
+def _is_adapter_dir(path: str) -> bool:
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            return json.load(f).get("kind") == "dance_adapter"
+    except (OSError, ValueError):
+        return False
 
 
 def file_sha256(path: str) -> str:
@@ -566,7 +596,7 @@ def generate(sampler: LongVideoSampler, reference_u8: np.ndarray, prompts: Seque
                 t1 = time.perf_counter()
             if step_bar is not None:
                 step_bar.start(k, sampler.num_steps, desc=f"clip {k + 1} steps")
-            latents = sampler.sample(prompt, y, clip_fea, s)
+            latents = sampler.sample(prompt, y, clip_fea, s, k)
             jax.block_until_ready(latents)
             if step_bar is not None:
                 step_bar.close()
@@ -588,6 +618,8 @@ def generate(sampler: LongVideoSampler, reference_u8: np.ndarray, prompts: Seque
                    "timings": {"condition_s": round(t1 - t0, 4), "sample_s": round(t2 - t1, 4),
                                "s_per_step": round((t2 - t1) / sampler.num_steps, 5),
                                "decode_s": round(t3 - t2, 4)}}
+            for stream in sampler.streams:
+                rec.update(stream.record(k))
             records = records[:k] + [rec]
             _write_json(o.state_json, {"version": STATE_VERSION, "next_clip": k + 1, "settings": settings,
                                        "meta": meta, "clips": records})          # the commit point
@@ -673,30 +705,38 @@ def main(argv) -> int:
         schedule = schedule_prompts(prompts, FLAGS.num_clips, FLAGS.repeat_prompt, FLAGS.keep_first_prompt,
                                     FLAGS.cycle_prompts, FLAGS.prompt_prefix)
         reference = load_image(FLAGS.image, int(config.data.height), int(config.data.width))
+        streams, stream_inputs = condition_streams(config, FLAGS)
     except (PromptFileError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     pause = os.environ.get("SVI_SAMPLE_PAUSE_AT")               # tests: "clip:step"
     bar = StepBar(FLAGS.progress, tuple(int(v) for v in pause.split(":")) if pause else None,
                   FLAGS.out + ".paused" if pause else None)
-    inputs = {"image_sha256": file_sha256(FLAGS.image), "lora": None, "lora_scale": float(FLAGS.lora_scale)}
+    inputs = {"image_sha256": file_sha256(FLAGS.image), "lora": None, "lora_scale": float(FLAGS.lora_scale),
+              **stream_inputs}
+    defaults = config.get("sample", {})          # per-variant defaults of flags not given (e.g. Dance: CFG 2, 25 fps)
+    cfg_scale = FLAGS.cfg_scale if FLAGS["cfg_scale"].present else float(defaults.get("cfg_scale", FLAGS.cfg_scale))
+    fps = FLAGS.fps if FLAGS["fps"].present else float(defaults.get("fps", FLAGS.fps))
     try:
         preflight(FLAGS.out, FLAGS.resume, FLAGS.overwrite)
         if FLAGS.lora:
             lora_file = resolve_lora(FLAGS.lora)
-            inputs["lora"] = {"path": os.path.abspath(lora_file), "sha256": file_sha256(lora_file)}
+            inputs["lora"] = {"path": os.path.abspath(lora_file),
+                              "sha256": file_sha256(os.path.join(lora_file, "config.json") if os.path.isdir(lora_file)
+                                                    else lora_file)}
         sampler = LongVideoSampler(config, lora=FLAGS.lora, lora_scale=FLAGS.lora_scale, num_steps=FLAGS.num_steps,
                                    shift=FLAGS.shift if FLAGS.shift is not None else float(config.erft.shift),
-                                   cfg_scale=FLAGS.cfg_scale, solver=FLAGS.solver,
+                                   cfg_scale=cfg_scale, solver=FLAGS.solver,
                                    chain=FLAGS.chain, motion_frames=FLAGS.motion_frames, pad=FLAGS.pad,
-                                   negative_prompt=FLAGS.negative_prompt, on_step=bar, cfg_batch=FLAGS.cfg_batch)
+                                   negative_prompt=FLAGS.negative_prompt, on_step=bar, cfg_batch=FLAGS.cfg_batch,
+                                   streams=streams)
         from svi_jax.prompt_checks import warn_long_prompts
 
         warn_long_prompts(sampler.tokenizer, schedule)
         summary = generate(sampler, reference, schedule, FLAGS.out, seed=FLAGS.seed, seed_times=FLAGS.seed_times,
                            inputs=inputs, resume=FLAGS.resume, overwrite=FLAGS.overwrite,
                            repeat_first_clip=FLAGS.repeat_first_clip, save_clips=FLAGS.save_clips,
-                           lossless=FLAGS.lossless, fps=FLAGS.fps, crf=FLAGS.crf, progress=FLAGS.progress,
+                           lossless=FLAGS.lossless, fps=fps, crf=FLAGS.crf, progress=FLAGS.progress,
                            step_bar=bar)
     except (ResumeError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -704,6 +744,14 @@ def main(argv) -> int:
     print(json.dumps({"video": summary["video"], "clips": summary["num_clips"],
                       "frames": summary["total_frames"], "compile_s": summary["compile_s"]}))
     return 0
+
+
+def condition_streams(config, FLAGS) -> tuple[list, dict]:
+    """The extra condition streams the model config asks for, and their input records (SVI-Dance: the pose)."""
+    from svi_jax.dance import cli_streams
+
+    return cli_streams(config, pose=FLAGS.pose, pose_dir=FLAGS.pose_dir, lora=FLAGS.lora,
+                       motion_frames=FLAGS.motion_frames)
 
 
 def _define_flags():
@@ -754,6 +802,9 @@ def _define_flags():
                       "the reference image (Shot), zero = zeros (Film).")
     flags.DEFINE_bool("repeat_first_clip", False, "Condition the first clip on the reference image repeated "
                       "motion_frames times (official --repeat_first_clip).")
+    flags.DEFINE_string("pose", None, "SVI-Dance: pose (skeleton) video driving the dancer; windows continue clip to "
+                        "clip and loop when it ends (python -m svi_jax.data pose makes one from a dance video).")
+    flags.DEFINE_string("pose_dir", None, "SVI-Dance: a directory of pose images (sorted by name) instead of --pose.")
     flags.DEFINE_bool("resume", False, "Continue the generation in OUT.mp4.parts/ (same settings; --num_clips and "
                       "the prompts of clips not generated yet may change); starts one if there is none, so a job "
                       "can always be (re)launched with --resume.")

@@ -19,6 +19,9 @@
   (float64) and the loop carries the two previous x0 predictions.
 * ``lora``: an unmerged LoRA collection (``svi_jax.lora``), applied as ``x W + s (x A) B`` with
   ``dit_config.lora_scale``; the CLI merges instead (no extra cost per step).
+* ``extra`` / ``neg_extra`` (optional): dicts of further condition streams for the conditional / unconditional pass
+  (``WanDiT(extra=...)``; e.g. SVI-Dance's ``{'pose': frames}``, kept in both passes); ``neg_extra`` defaults to
+  ``extra``. Pose frames are embedded once per clip (``svi_jax.models.pose.embed_once``), not at every step.
 * ``on_step(i)`` (optional) is called from inside the compiled loop after each step (``jax.debug.callback``), for
   progress bars; the callback is part of the compiled function, so pass the same callable every time.
 
@@ -186,7 +189,8 @@ def resolve_cfg_batch(cfg_batch: Optional[bool]) -> bool:
 def make_sampler(dit_config, num_steps: int = 50, shift: float = flow.DEFAULT_SHIFT, cfg_scale: float = 5.0,
                  solver: str = "euler", *, cfg_batch: Optional[bool] = None, on_step: Optional[Callable[[int], None]] = None,
                  jit: bool = True):
-    """A jitted ``sample(params, noise, context, neg_context, clip_fea, y, lora=None) -> latents`` (see module doc)."""
+    """A jitted ``sample(params, noise, context, neg_context, clip_fea, y, lora=None, extra=None, neg_extra=None)
+    -> latents`` (see module doc)."""
     from svi_jax.models.dit import WanDiT
 
     if solver not in SOLVERS:
@@ -200,14 +204,20 @@ def make_sampler(dit_config, num_steps: int = 50, shift: float = flow.DEFAULT_SH
     grid = euler_sigmas(num_steps, shift) if solver == "euler" else unipc_sigmas(num_steps, shift)
     tgrid = (grid.astype(np.float64) * flow.NUM_TRAIN_TIMESTEPS).astype(np.float32)   # t = 1000 sigma (as flow.py)
 
-    def forward(params, lora, x, t, ctx, clip, y):
+    def forward(params, lora, x, t, ctx, clip, y, extra=None):
         variables = {"params": params} if lora is None else {"params": params, "lora": lora}
         tt = jnp.full((x.shape[0],), t, jnp.float32)
-        return module.apply(variables, x, tt, ctx, clip_fea=clip, y=y)
+        return module.apply(variables, x, tt, ctx, clip_fea=clip, y=y, extra=extra)
 
-    def sample(params, noise, context, neg_context, clip_fea, y, lora=None):
+    def sample(params, noise, context, neg_context, clip_fea, y, lora=None, extra=None, neg_extra=None):
         chex.assert_rank(noise, 5)
         b = noise.shape[0]
+        from svi_jax.models.pose import embed_once
+
+        neg_extra = extra if neg_extra is None else neg_extra
+        ex = None if extra is None else embed_once(dit_config, params, {k: _batch(v, b) for k, v in extra.items()})
+        nex = ex if neg_extra is extra else (
+            None if neg_extra is None else embed_once(dit_config, params, {k: _batch(v, b) for k, v in neg_extra.items()}))
         x0 = noise.astype(jnp.float32)
         ctx = _batch(context, b)
         clip, yy = _batch(clip_fea, b), _batch(y, b)
@@ -219,17 +229,18 @@ def make_sampler(dit_config, num_steps: int = 50, shift: float = flow.DEFAULT_SH
                 ctx2 = jnp.concatenate([ctx, neg], axis=0)
                 clip2 = None if clip is None else jnp.concatenate([clip, clip], axis=0)
                 y2 = None if yy is None else jnp.concatenate([yy, yy], axis=0)
+                ex2 = None if ex is None else {k: jnp.concatenate([ex[k], nex[k]], axis=0) for k in ex}
 
         def velocity(x, i):
             t = jnp.asarray(tgrid)[i]
             if not guided:
-                return forward(params, lora, x, t, ctx, clip, yy)
+                return forward(params, lora, x, t, ctx, clip, yy, ex)
             if cfg_batch:
-                v = forward(params, lora, jnp.concatenate([x, x], axis=0), t, ctx2, clip2, y2)
+                v = forward(params, lora, jnp.concatenate([x, x], axis=0), t, ctx2, clip2, y2, ex2)
                 vc, vu = v[:b], v[b:]
             else:
-                vc = forward(params, lora, x, t, ctx, clip, yy)
-                vu = forward(params, lora, x, t, neg, clip, yy)
+                vc = forward(params, lora, x, t, ctx, clip, yy, ex)
+                vu = forward(params, lora, x, t, neg, clip, yy, nex)
             return vu + cfg_scale * (vc - vu)
 
         return integrate(velocity, x0, grid, solver, on_step)

@@ -177,6 +177,9 @@ def lora_specs(lora_abstract, dit_param_specs):
     out = {}
     for path, a in flatten(lora_abstract).items():
         mod, leaf = path.rsplit("/", 1)
+        if leaf not in ("a", "b"):      # other trained leaves in the collection (SVI-Dance's pose module): small
+            out[path] = P()
+            continue
         ks = tuple(kernels[mod + "/kernel"])
         ks = ks + (None,) * (a.ndim - len(ks))
         if leaf == "a":

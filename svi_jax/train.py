@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from svi_jax import flow, sharding
+from svi_jax import dance_train, flow, sharding
 from svi_jax import lora as lora_lib
 from svi_jax.models.dit import DiTConfig, WanDiT, init_params
 from svi_jax.models.layers import dtype_of
@@ -130,7 +130,9 @@ def make_train_step(config, prepare: Callable[[Any, dict, jax.Array], dict]):
     def step(state, batch):
         rng, k_t, k_eps, k_inj, k_cur, k_prep = jax.random.split(state["rng"], 6)
         inputs = jax.lax.stop_gradient(prepare(state["params"], batch, k_prep))
-        x0, y, ctx, clip = inputs["x0"], inputs.get("y"), inputs["context"], inputs.get("clip_fea")
+        x0, ctx = inputs["x0"], inputs["context"]
+        # extra condition streams and their dropout (SVI-Dance: pose; a no-op for other models)
+        extra, y, clip, y_null = dance_train.condition(config, inputs, jax.random.fold_in(k_prep, 7))
         b = x0.shape[0]
         tid = jax.random.randint(k_t, (b,), 0, flow.NUM_TRAIN_TIMESTEPS)
         sigma, t, w = sig_tab[tid], t_tab[tid], w_tab[tid]
@@ -140,15 +142,16 @@ def make_train_step(config, prepare: Callable[[Any, dict, jax.Array], dict]):
         else:
             x_t, target, y_in = flow.add_noise(x0, eps, sigma), flow.velocity_target(x0, eps), y
             info = {}
+        y_in = dance_train.suppress_y_error(y_in, y_null)
         cdt = dtype_of(dit_cfg.dtype)
 
         def loss_fn(trainable):
             variables = {"params": trainable["dit"] if full else state["params"]["dit"]}
             if not full:
                 variables["lora"] = trainable["lora"]
-            v = module.apply(variables, x_t.astype(cdt), t, ctx.astype(cdt),
+            v = module.apply(dance_train.forward_variables(variables), x_t.astype(cdt), t, ctx.astype(cdt),
                              clip_fea=None if clip is None else clip.astype(cdt),
-                             y=None if y_in is None else y_in.astype(cdt))
+                             y=None if y_in is None else y_in.astype(cdt), extra=extra)
             per_example = jnp.mean(jnp.square(v - target.astype(jnp.float32)), axis=tuple(range(1, v.ndim)))
             return jnp.mean(per_example * w), v
 
@@ -199,6 +202,8 @@ def init_state(config, params, key) -> dict:
     if not full:
         state["lora"] = lora_lib.init_lora(params["dit"], k_lora, config.lora.rank, config.lora.targets,
                                            dtype_of(config.lora.dtype))
+        if dance_train.enabled(config):       # SVI-Dance: the pose module is trained with the LoRA
+            state["lora"] = dance_train.init_trainable(config, params["dit"], state["lora"])
     state["opt"] = make_optimizer(config).init(trainable_of(state, full))
     if config.erft.enabled:
         bank_dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "int8": jnp.int8}[config.erft.bank_dtype]
@@ -239,6 +244,7 @@ def load_frozen_params(config, key) -> dict:
         p = dit.params
     else:
         p = init_params(cfg, jax.random.fold_in(key, 1))
+    p = dance_train.with_pose_params(cfg, p, jax.random.fold_in(key, 3))
     return jax.tree.map(lambda a: jnp.asarray(a, dtype_of(cfg.param_dtype)), p)
 
 
@@ -474,7 +480,10 @@ class Trainer:
 
         lora = distributed.host_copy(self.state["lora"])  # every process takes part in the gather
         if distributed.is_main_process():
-            lora_lib.save(lora, path, prefix=self.config.lora.export_prefix)
+            if dance_train.POSE in lora:             # SVI-Dance: LoRA + dwpose_embedding, official names
+                dance_train.export(lora, path)
+            else:
+                lora_lib.save(lora, path, prefix=self.config.lora.export_prefix)
         return path
 
     def export_dit(self, directory: str | None = None) -> str:

@@ -179,6 +179,13 @@ def main(argv=None) -> int:
     _add_data_args(c)
     c.set_defaults(fn=cmd_cache)
 
+    from svi_jax.data import poses
+
+    po = sub.add_parser("pose", help="skeleton videos (DWPose on your ONNX files, or drawn from keypoints) for "
+                                     "SVI-Dance")
+    poses.add_arguments(po)
+    po.set_defaults(fn=poses.run)
+
     sh = sub.add_parser("show", help="print what a built dataset holds")
     sh.add_argument("--dataset", required=True)
     sh.add_argument("--num", type=int, default=5)

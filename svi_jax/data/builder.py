@@ -49,6 +49,7 @@ def features() -> tfds.features.FeaturesDict:
         "width": tfds.features.Scalar(dtype=np.int32),
         "fps": tfds.features.Scalar(dtype=np.float32),
         "ext": tfds.features.Text(),
+        "pose": tfds.features.Tensor(shape=(), dtype=np.object_),  # the skeleton video's bytes, b"" if none
     })
 
 
@@ -124,12 +125,18 @@ class SviVideos(tfds.core.GeneratorBasedBuilder):
                     except OSError as err:
                         rep.skip(e, "unreadable", str(err))
                         continue
+                    pose = scan_lib.pose_path(e.path)
+                    pose_data = b""
+                    if os.path.isfile(pose):          # SVI-Dance: the skeleton video, stored with the clip
+                        with open(pose, "rb") as f:
+                            pose_data = f.read()
                     rep.keep(e, res, len(data))
                     bar.set_postfix(kept=rep.kept, skipped=sum(rep.skipped.values()), refresh=False)
                     yield e.key, {
                         "video": data, "key": e.key, "caption": e.caption, "category": e.category,
                         "num_frames": res.num_frames, "height": res.height, "width": res.width,
                         "fps": res.fps, "ext": os.path.splitext(e.path)[1].lower() or ".mp4",
+                        "pose": pose_data,
                     }
         bar.close()
 

@@ -279,7 +279,12 @@ class ClipLoader(BatchIterator):
         if frames.shape[0] < plan.num_real:
             with self._lock:
                 self.stats["short_decodes"] += 1
-        return sampling.assemble(frames, plan, _text(rec["caption"]))
+        example = sampling.assemble(frames, plan, _text(rec["caption"]))
+        pose = rec.get("pose", b"")
+        pose = pose.item() if isinstance(pose, np.ndarray) else pose
+        if pose:        # SVI-Dance: the skeleton frames of the same window, crop and size (0..255 float32)
+            example["pose"] = sampling.pose_window(decode_bytes(pose, suffix=".mp4", seek=False, **kw), plan)
+        return example
 
 
 def make_loader(source, config=None, **kwargs) -> ClipLoader:

@@ -91,6 +91,17 @@ def to_float(frames: np.ndarray) -> np.ndarray:
     return out
 
 
+def pose_window(window: np.ndarray, plan: ClipPlan) -> np.ndarray:
+    """The skeleton frames of a clip, float32 0..255 ``[T, H, W, 3]`` (tail repeating the last, as the video;
+    the official ``dwpose_data`` goes to the model as pixels / 255)."""
+    t = plan.num_frames
+    if window.shape[0] == 0:
+        raise ValueError("the pose video decoded to no frames for this window")
+    if window.shape[0] < t:
+        window = np.concatenate([window, np.repeat(window[-1:], t - window.shape[0], axis=0)], axis=0)
+    return window[:t].astype(np.float32)
+
+
 def assemble(window: np.ndarray, plan: ClipPlan, caption: str) -> dict:
     """Training example from the decoded window uint8 [num_real (or more), H, W, 3].
 

@@ -40,8 +40,18 @@ def fallback_caption(category: str) -> str:
     return f"A video from {category} category"
 
 
+#: A video's skeleton stream (SVI-Dance): ``clip.mp4`` + ``clip.pose.mp4``, stored with the clip, not a clip itself.
+POSE_SUFFIX = ".pose.mp4"
+
+
 def is_video(name: str) -> bool:
-    return name.lower().endswith(VIDEO_EXTENSIONS) and not name.startswith(".")
+    return (name.lower().endswith(VIDEO_EXTENSIONS) and not name.startswith(".")
+            and not name.lower().endswith(POSE_SUFFIX))
+
+
+def pose_path(video_path: str) -> str:
+    """Where a video's skeleton video lives (``python -m svi_jax.data pose`` writes it)."""
+    return os.path.splitext(video_path)[0] + POSE_SUFFIX
 
 
 def _has_surrogates(s: str) -> bool:

@@ -59,6 +59,8 @@ class DiTConfig:
     remat_policy: str = "none"
     scan_layers: bool = True
     lora_scale: float = 1.0          # s in x W + s (x A) B (alpha / rank while training)
+    # extra conditions added to the patch tokens (``extra=`` of ``WanDiT.__call__``)
+    pose_embedding: bool = False     # SVI-Dance / UniAnimate dwpose_embedding (svi_jax/models/pose.py)
 
     @property
     def head_dim(self) -> int:
@@ -235,7 +237,10 @@ class Block(nn.Module):
 
 
 class WanDiT(nn.Module):
-    """``__call__(x, t, context, clip_fea=None, y=None)`` -> velocity ``[B, F, H, W, out_dim]``."""
+    """``__call__(x, t, context, clip_fea=None, y=None, extra=None)`` -> velocity ``[B, F, H, W, out_dim]``.
+
+    ``extra``: a dict of further condition streams, each read by the module its config field switches on
+    (``pose_embedding``: ``extra['pose']``, see :func:`svi_jax.models.pose.pose_tokens`)."""
 
     cfg: DiTConfig
 
@@ -255,7 +260,7 @@ class WanDiT(nn.Module):
         return [blk(cfg, name=f"blocks_{i}") for i in range(cfg.num_layers)]
 
     @nn.compact
-    def __call__(self, x, t, context, clip_fea=None, y=None):
+    def __call__(self, x, t, context, clip_fea=None, y=None, extra=None):
         cfg = self.cfg
         dt = dtype_of(cfg.dtype)
         if cfg.is_i2v:
@@ -272,6 +277,10 @@ class WanDiT(nn.Module):
 
         # patch embedding (a Conv3d with kernel = stride = patch)
         tokens = PatchEmbedding(cfg, name="patch_embedding")(x)
+        if cfg.pose_embedding:  # SVI-Dance: dwpose_embedding(pose) added to the patch tokens
+            from svi_jax.models.pose import pose_tokens
+
+            tokens = tokens + pose_tokens(cfg, extra, grid).astype(tokens.dtype)
         tokens = nn.with_logical_constraint(tokens, ("activation_batch", "activation_length", "activation_embed"))
 
         # time
@@ -422,7 +431,12 @@ def init_params(cfg: DiTConfig, key, boxed: bool = False):
     pt, ph, pw = cfg.patch_size
     x, t, ctx, clip, y = example_inputs(cfg, 1, (pt, ph, pw), text_tokens=1)
     zeros = lambda s: None if s is None else jnp.zeros(s.shape, s.dtype)  # noqa: E731
-    variables = module.init(key, zeros(x), zeros(t), zeros(ctx), clip_fea=zeros(clip), y=zeros(y))
+    extra = None
+    if cfg.pose_embedding:
+        from svi_jax.models.pose import init_pose
+
+        extra = {"pose": init_pose(cfg.dim)}
+    variables = module.init(key, zeros(x), zeros(t), zeros(ctx), clip_fea=zeros(clip), y=zeros(y), extra=extra)
     params = variables["params"]
     return params if boxed else nn_meta.unbox(params)
 
@@ -448,17 +462,17 @@ class DiT:
         self.lora = lora
         self._fn = jax.jit(self._apply)
 
-    def _apply(self, params, lora, x, t, context, clip_fea, y):
+    def _apply(self, params, lora, x, t, context, clip_fea, y, extra=None):
         variables = {"params": params}
         if lora is not None:
             variables["lora"] = lora
-        return self.module.apply(variables, x, t, context, clip_fea=clip_fea, y=y)
+        return self.module.apply(variables, x, t, context, clip_fea=clip_fea, y=y, extra=extra)
 
-    def __call__(self, x, t, context, *, clip_fea=None, y=None):
+    def __call__(self, x, t, context, *, clip_fea=None, y=None, extra=None):
         t = jnp.asarray(t, jnp.float32).reshape(-1)
         if t.shape[0] == 1 and x.shape[0] > 1:
             t = jnp.broadcast_to(t, (x.shape[0],))
-        return self._fn(self.params, self.lora, x, t, context, clip_fea, y)
+        return self._fn(self.params, self.lora, x, t, context, clip_fea, y, extra)
 
     # ---------------------------------------------------------------- io
     @classmethod
