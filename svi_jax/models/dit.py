@@ -30,6 +30,11 @@ REMAT_POLICIES = {
     "dots_saveable": "dots_saveable",
     "dots_with_no_batch_dims_saveable": "dots_with_no_batch_dims_saveable",
     "everything_saveable": "everything_saveable",
+    # attention outputs + the kernels' saved output / log-sum-exp kept, the rest of the block recomputed: the
+    # backward does not run the attention forward again (svi_jax.models.remat)
+    "save_attention": "save_attention",
+    # the same tensors moved to pinned host memory between forward and backward (where the backend has it)
+    "offload_attention": "offload_attention",
 }
 
 
@@ -242,16 +247,20 @@ class WanDiT(nn.Module):
     def setup_blocks(self):
         cfg = self.cfg
         policy = REMAT_POLICIES[cfg.remat_policy]
+        if policy is not None:
+            from svi_jax.models.remat import checkpoint_policy
+
+            policy = checkpoint_policy(policy)
         if cfg.scan_layers:
             blk = Block
             if policy is not None:
-                blk = nn.remat(blk, policy=getattr(jax.checkpoint_policies, policy), prevent_cse=False)
+                blk = nn.remat(blk, policy=policy, prevent_cse=False)
             return nn.scan(blk, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True},
                            in_axes=(nn.broadcast,) * 5, length=cfg.num_layers,
                            metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="blocks")
         blk = Block
         if policy is not None:
-            blk = nn.remat(blk, policy=getattr(jax.checkpoint_policies, policy))
+            blk = nn.remat(blk, policy=policy)
         return [blk(cfg, name=f"blocks_{i}") for i in range(cfg.num_layers)]
 
     @nn.compact
