@@ -60,7 +60,9 @@ class DiTConfig:
     # execution
     param_dtype: str = "float32"
     dtype: str = "float32"           # compute dtype
-    attention: str = "auto"          # auto | xla | cudnn | per_head
+    attention: str = "auto"          # auto | splash | cudnn | flash | per_head | xla | ulysses | ring (layers.py)
+    attention_block_q: int = 512     # splash tile sizes (multiples of 128; see models/attention_kernels.py)
+    attention_block_kv: int = 512
     remat_policy: str = "none"
     scan_layers: bool = True
     lora_scale: float = 1.0          # s in x W + s (x A) B (alpha / rank while training)
@@ -171,7 +173,7 @@ class SelfAttention(nn.Module):
         split = lambda t: einops.rearrange(t, "b l (h d) -> b l h d", h=cfg.num_heads)  # noqa: E731
         q, k, v = split(q), split(k), split(v)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = attention(q, k, v, cfg.attention)
+        o = attention(q, k, v, cfg.attention, block_q=cfg.attention_block_q, block_kv=cfg.attention_block_kv)
         o = einops.rearrange(o, "b l h d -> b l (h d)")
         return lin("o", ("heads", "embed"))(o)
 
@@ -192,11 +194,12 @@ class CrossAttention(nn.Module):
         q = split(norm("norm_q")(lin("q")(x)))
         k = split(norm("norm_k")(lin("k")(ctx)))
         v = split(lin("v")(ctx))
-        o = attention(q, k, v, cfg.attention)
+        o = attention(q, k, v, cfg.attention, block_q=cfg.attention_block_q, block_kv=cfg.attention_block_kv)
         if cfg.is_i2v:
             k_img = split(norm("norm_k_img")(lin("k_img")(ctx_img)))
             v_img = split(lin("v_img")(ctx_img))
-            o = o + attention(q, k_img, v_img, cfg.attention)
+            o = o + attention(q, k_img, v_img, cfg.attention, block_q=cfg.attention_block_q,
+                              block_kv=cfg.attention_block_kv)
         o = einops.rearrange(o, "b l h d -> b l (h d)")
         return lin("o", ("heads", "embed"))(o)
 
