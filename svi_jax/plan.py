@@ -391,7 +391,14 @@ def remat_report(config, devices, sizes, batch_size, policies, hbm_gb: float) ->
         c.model.remat_policy = name
         t0 = time.time()
         step, state, batch, _ = build_step(c, devices, sizes, batch_size)
-        compiled = step.lower(state, batch).compile()
+        try:
+            compiled = step.lower(state, batch).compile()
+        except Exception as e:  # noqa: BLE001 - the compiler's out-of-memory is a result here
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            out[name] = {"fits": False, "error": str(e).strip().splitlines()[0][:300],
+                         "compile_s": time.time() - t0}
+            continue
         mem = _memory(compiled)
         out[name] = dict(mem, fits=bool(mem["peak"] <= hbm_gb), compile_s=time.time() - t0,
                          compiled_flops_per_device=hlo_stats(compiled.as_text())["flops"])
@@ -554,6 +561,9 @@ def format_report(r: dict) -> str:
         f"  lower {r['lower_s']:.1f} s, compile {r['compile_s']:.1f} s",
     ]
     for name, p in r.get("remat_policies", {}).items():
+        if "error" in p:
+            lines.append(f"  remat {name}: DOES NOT FIT ({p['error']})")
+            continue
         lines.append(f"  remat {name}: peak {p['peak']:.2f} GB/device (temporaries {p['temporaries']:.2f}) "
                      f"{'fits' if p['fits'] else 'DOES NOT FIT'}, compiled {p['compiled_flops_per_device']:.3e} "
                      f"FLOPs/device")
@@ -567,7 +577,13 @@ def main(argv=None) -> int:
         ensure_devices(args.devices, argv)
     else:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host's own backend; the TPU is compile-only
-    report = plan(args)
+    try:
+        report = plan(args)
+    except Exception as e:  # noqa: BLE001
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        print(f"error: the step does not fit this target: {str(e).strip().splitlines()[0][:400]}", file=sys.stderr)
+        return 3
     print(format_report(report), flush=True)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -46,8 +46,8 @@ def platform() -> str:
     """The platform the program being traced is for: the mesh in context (``jax.set_mesh``; e.g. a TPU topology
     compiled ahead of time on a CPU host), else JAX's default backend."""
     mesh = jax.sharding.get_abstract_mesh()
-    p = None if mesh is None or mesh.empty else getattr(mesh, "platform", None)
-    return p or jax.default_backend()
+    device = None if mesh is None or mesh.empty else getattr(mesh, "abstract_device", None)
+    return getattr(device, "platform", None) or jax.default_backend()
 
 
 def _splash_kernel(heads: int, lq: int, lk: int, bq: int, bkv: int, interpret: bool):
