@@ -251,7 +251,8 @@ def vae_part(S, reps, results):
 
 
 def to_markdown(report: dict) -> str:
-    lines = [f"# Device check: {report['device_kind']} ({report['platform']}{', tiny sizes' if report['tiny'] else ''})",
+    size = ", tiny sizes" if report["tiny"] else ""
+    lines = [f"# Device check: {report['device_kind']} ({report['platform']}{size})",
              "", f"jax {report['jax']}, peak bf16 {report['peak_bf16_tflops']} TFLOP/s, total {report['wall_s']:.0f} s",
              "", "| measurement | status | median s | first (compile) s | extra |", "|---|---|---|---|---|"]
     for name, r in report["results"].items():

@@ -439,7 +439,7 @@ def plan(args) -> dict:
     batch_size = args.batch or sizes["data"] * sizes["fsdp"]
     F, H, W, C = train.latent_shape(config)
     dit_cfg = DiTConfig.from_dict(config.model.to_dict())
-    resolved = resolve_attention(config.model.attention, devices[0].platform)
+    resolved = resolve_attention(config.model.attention, devices[0].platform, len(devices))
 
     t0 = time.time()
     jitted, state, batch, mesh = build_step(config, devices, sizes, batch_size)
@@ -544,7 +544,8 @@ def format_report(r: dict) -> str:
         f"  batch {r['batch']} clips, latent {r['latent']}, {r['tokens_per_clip']} tokens/clip, "
         f"model {r['model']['dim']}x{r['model']['num_layers']} {r['model']['param_dtype']}, "
         f"attention {r['model']['attention']}"
-        f"{' (override --attention)' if r['model'].get('attention_override') else ''}, remat {r['model']['remat_policy']}, LoRA r{r['lora_rank']}",
+        f"{' (override --attention)' if r['model'].get('attention_override') else ''}, "
+        f"remat {r['model']['remat_policy']}, LoRA r{r['lora_rank']}",
         f"  banks: {r['erft']['bank_mode']} x{r['erft']['bank_replicas']}, {r['erft']['num_grids']} grids x "
         f"{r['erft']['capacity']} {r['erft']['bank_dtype']}",
         "  per device (GB): arguments {:.2f}  outputs {:.2f}  aliased {:.2f}  temporaries {:.2f}  -> peak {:.2f} "

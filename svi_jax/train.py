@@ -198,7 +198,7 @@ def resolved_attention(config, mesh) -> str:
     """What ``config.model.attention`` runs as on ``mesh``'s devices (``auto``: the platform's fused kernel)."""
     from svi_jax.models.layers import resolve_attention
 
-    return resolve_attention(config.model.attention, mesh.devices.flat[0].platform)
+    return resolve_attention(config.model.attention, mesh.devices.flat[0].platform, mesh.devices.size)
 
 
 # ------------------------------------------------------------------------------------------------ setup

@@ -90,6 +90,7 @@ def test_resolver_picks_the_backend_kernel(monkeypatch, platform, want):
     assert resolve_attention("auto") == want
     assert resolve_attention("auto", platform) == want
     assert resolve_attention("xla") == "xla"          # explicit choices stay as they are
+    assert resolve_attention("auto", platform, 8) == {"cpu": "flash"}.get(platform, want)  # a mesh of 8
     assert ak.backend_kernel() == {"tpu": "splash", "gpu": "cudnn", "cpu": "flash"}[platform]
 
 

@@ -31,7 +31,8 @@ def _plan(tmp_path: Path, *extra):
 
 def test_plan_reports_the_resolved_attention_and_each_remat_policy(tmp_path):
     r, text = _plan(tmp_path, "--remat-policies", "save_attention")   # next to the config's own ('full')
-    assert r["model"]["attention_config"] == "auto" and r["model"]["attention"] == "per_head"   # CPU target
+    # a CPU mesh of 2 devices: 'auto' is flash (per_head on one CPU device)
+    assert r["model"]["attention_config"] == "auto" and r["model"]["attention"] == "flash"
     assert r["model"]["attention_override"] is None and "override" not in text
     pol = r["remat_policies"]
     assert r["model"]["remat_policy"] == "full" and set(pol) == {"save_attention"}

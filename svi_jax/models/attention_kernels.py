@@ -50,6 +50,12 @@ def platform() -> str:
     return getattr(device, "platform", None) or jax.default_backend()
 
 
+def traced_num_devices() -> int:
+    """Devices of the mesh in context (1 without one)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh is None or mesh.empty else int(mesh.size)
+
+
 def _splash_kernel(heads: int, lq: int, lk: int, bq: int, bkv: int, interpret: bool):
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 

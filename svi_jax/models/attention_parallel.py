@@ -17,7 +17,11 @@
   Cross-attention (keys and values from the short text/image context) is recognised by ``Lk != Lq``: the context
   stays replicated over the ``context`` axis and only the queries are sharded, with no communication.
   Batch is split over the ``data``/``fsdp`` axes and heads over ``tensor`` where the sizes divide.
-  Without a mesh (or with a ``context`` axis of size 1) both fall back to :func:`flash_attention`.
+  Without a mesh (or with a ``context`` axis of size 1) both fall back to the local kernel.
+  The per-device kernel (``kernel=``) is the platform's by default: splash on TPU, cuDNN on GPU, :func:`flash_attention`
+  elsewhere (``svi_jax.models.attention_kernels``); ring hops always use the blockwise kernel here.
+* :func:`kernel_attention`: a fused kernel (``splash`` / ``cudnn``) run per device inside ``shard_map`` over the
+  batch and head axes of the mesh in context (Ulysses when ``context`` > 1).
 
 Layout everywhere: ``q [B, Lq, H, D]``, ``k, v [B, Lk, H, D]`` -> ``[B, Lq, H, D]`` in the dtype of ``q``.
 """

@@ -163,18 +163,23 @@ XLA_WARN_TOKENS = 8192   # attention='xla' above this many query or key tokens l
 ATTENTION_OUT = "attention_out"  # checkpoint_name of every attention output (remat policy 'save_attention')
 
 
-def resolve_attention(impl: str, platform: str | None = None) -> str:
+def resolve_attention(impl: str, platform: str | None = None, num_devices: int | None = None) -> str:
     """``auto`` -> the fused kernel of the platform the program is traced for (the mesh in context, else JAX's
-    default backend): ``splash`` on TPU, ``cudnn`` on GPU, ``per_head`` on CPU (``flash`` on anything else).
-    Never ``xla`` (a dense ``[B, H, Lq, Lk]`` score matrix): that stays an explicit choice."""
+    default backend): ``splash`` on TPU, ``cudnn`` on GPU, ``per_head`` on one CPU device (``flash`` on a CPU mesh of
+    several devices: ``per_head``'s loop over ``heads x batch`` cannot be split over a batch-sharded mesh, so every
+    device would compute every example; ``flash`` on anything else). Never ``xla`` (a dense ``[B, H, Lq, Lk]`` score
+    matrix): that stays an explicit choice. ``platform`` / ``num_devices``: of the target (default: traced)."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLS}, got {impl!r}")
     if impl != "auto":
         return impl
-    from svi_jax.models.attention_kernels import platform as traced_platform
+    from svi_jax.models.attention_kernels import platform as traced_platform, traced_num_devices
 
     plat = platform or traced_platform()
-    return {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn", "cpu": "per_head"}.get(plat, "flash")
+    n = traced_num_devices() if num_devices is None else int(num_devices)
+    if plat == "cpu":
+        return "per_head" if n <= 1 else "flash"
+    return {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn"}.get(plat, "flash")
 
 
 def _warn_dense(q, k):
