@@ -46,5 +46,7 @@ setup(
         "test": TORCH + POSE + ["pytest", "pytest-xdist", "onnx"],
         "cuda": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
+        # the TPU compiler only, for ahead-of-time plans on a host without a TPU (python -m svi_jax.plan --target tpu)
+        "tpu-compile": ["libtpu==0.0.42.*"],
     },
 )

@@ -73,8 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topology", default="", help="TPU topology for --target tpu, e.g. v5p:4x4x4 (default: from "
                    "--chip and --devices)")
     p.add_argument("--batch", type=int, default=0, help="global batch (default: one clip per data x fsdp slot)")
-    p.add_argument("--attention", default="", help="attention implementation (default: flash, or ulysses when "
-                   "the context axis is > 1)")
+    p.add_argument("--attention", default="", help="override the config's attention implementation (default: "
+                   "the config's, as the trainer builds it; 'auto' resolves to the target's fused kernel, splash on "
+                   "TPU); the report records an override")
+    p.add_argument("--remat-policies", default="", help="also compile the step with each of these remat policies "
+                   "(comma list, or 'all' = full,save_attention,offload_attention) and report their memory")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set erft.capacity=250 --set model.num_layers=2")
     p.add_argument("--json", default="", help="also write the report here")
@@ -338,13 +341,76 @@ def analytic_flops(dit_cfg, latent_fhw, batch: int, text_len: int, remat: bool, 
 # ------------------------------------------------------------------------------------------------ plan
 
 
-def plan(args) -> dict:
+def build_step(config, devices, sizes: dict, batch_size: int):
+    """The trainer's own step (``train.sharded_train_step``, shardings from ``sharding.state_shardings`` as in
+    ``sharding.init_sharded``) on a mesh of ``devices``, with an abstract state and latent-form batch.
+    Returns ``(step, state, batch, mesh)``; ``step.lower(state, batch)`` lowers it."""
     import jax
     import jax.numpy as jnp
 
     from svi_jax import sharding, train
     from svi_jax.models.dit import DiTConfig, param_shapes
     from svi_jax.pipeline import LatentConditioner
+
+    mesh = sharding.make_mesh(sizes, devices=devices)
+    F, H, W, C = train.latent_shape(config)
+    dit_cfg = DiTConfig.from_dict(config.model.to_dict())
+    S = jax.ShapeDtypeStruct
+    params = {"dit": param_shapes(dit_cfg)}
+    state = jax.eval_shape(lambda p, k: train.init_state(config, p, k), params, jax.random.key(0))
+    state["params"] = params
+    f32 = jnp.float32
+    batch = {"latents": S((batch_size, F, H, W, C), f32), "context": S((batch_size, dit_cfg.text_len,
+                                                                            dit_cfg.text_dim), f32)}
+    if dit_cfg.is_i2v:
+        batch["y"] = S((batch_size, F, H, W, C + 4), f32)
+        batch["clip_fea"] = S((batch_size, 257, dit_cfg.image_dim), f32)
+    cond = LatentConditioner(config)
+    shardings = sharding.state_shardings(config, state, mesh, train.make_optimizer(config),
+                                         sharding.encoder_configs(cond))
+    step, _, _ = train.sharded_train_step(config, cond, mesh, shardings)
+    step.build(state, batch)
+    # abstract arrays placed as the trainer's are (the same avals, so the same trace)
+    return step, sharding.abstract(state, shardings), sharding.abstract(batch, step.batch_shardings), mesh
+
+
+def _memory(compiled) -> dict:
+    mem = compiled.memory_analysis()
+    peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+    return {"arguments": mem.argument_size_in_bytes / GB, "outputs": mem.output_size_in_bytes / GB,
+            "aliased": mem.alias_size_in_bytes / GB, "temporaries": mem.temp_size_in_bytes / GB, "peak": peak / GB}
+
+
+def remat_report(config, devices, sizes, batch_size, policies, hbm_gb: float) -> dict:
+    """Per remat policy: the compiled step's memory per device (and whether it fits ``hbm_gb``) and compile time."""
+    import copy
+
+    out = {}
+    for name in policies:
+        c = copy.deepcopy(config)
+        c.model.remat_policy = name
+        t0 = time.time()
+        step, state, batch, _ = build_step(c, devices, sizes, batch_size)
+        try:
+            compiled = step.lower(state, batch).compile()
+        except Exception as e:  # noqa: BLE001 - the compiler's out-of-memory is a result here
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            out[name] = {"fits": False, "error": str(e).strip().splitlines()[0][:300],
+                         "compile_s": time.time() - t0}
+            continue
+        mem = _memory(compiled)
+        out[name] = dict(mem, fits=bool(mem["peak"] <= hbm_gb), compile_s=time.time() - t0,
+                         compiled_flops_per_device=hlo_stats(compiled.as_text())["flops"])
+    return out
+
+
+def plan(args) -> dict:
+    import jax
+
+    from svi_jax import sharding, train
+    from svi_jax.models.dit import DiTConfig
+    from svi_jax.models.layers import resolve_attention
 
     config = load_config(args.config, args.set)
     mesh_cfg = dict(config.mesh)
@@ -353,10 +419,9 @@ def plan(args) -> dict:
         mesh_cfg.update(parse_mesh(args.mesh))
     sizes = sharding.mesh_shape(mesh_cfg, args.devices)
     config.mesh.update(sizes)
-    if args.attention:
+    requested = config.model.attention
+    if args.attention:  # an explicit override (the report says so); otherwise exactly what the trainer builds
         config.model.attention = args.attention
-    elif config.model.attention == "auto":
-        config.model.attention = "ulysses" if sizes["context"] > 1 else "flash"
     if sharding.bank_mode(config) == "replica" and not config.erft.get("bank_replicas", 0):
         config.erft.bank_replicas = sizes["data"]
     train.validate_config(config)
@@ -371,27 +436,13 @@ def plan(args) -> dict:
         if len(devices) != args.devices:
             raise RuntimeError(f"expected {args.devices} devices, JAX sees {len(devices)} "
                                f"(XLA_FLAGS={os.environ.get('XLA_FLAGS')!r})")
-    mesh = sharding.make_mesh(sizes, devices=devices)
     batch_size = args.batch or sizes["data"] * sizes["fsdp"]
     F, H, W, C = train.latent_shape(config)
     dit_cfg = DiTConfig.from_dict(config.model.to_dict())
-    S = jax.ShapeDtypeStruct
-
-    # abstract state and batch (nothing is allocated)
-    params = {"dit": param_shapes(dit_cfg)}
-    state = jax.eval_shape(lambda p, k: train.init_state(config, p, k), params, jax.random.key(0))
-    state["params"] = params
-    f32 = jnp.float32
-    batch = {"latents": S((batch_size, F, H, W, C), f32), "context": S((batch_size, dit_cfg.text_len,
-                                                                            dit_cfg.text_dim), f32)}
-    if dit_cfg.is_i2v:
-        batch["y"] = S((batch_size, F, H, W, C + 4), f32)
-        batch["clip_fea"] = S((batch_size, 257, dit_cfg.image_dim), f32)
-    cond = LatentConditioner(config)
-    step_fn, _, tx = train.make_train_step(config, cond.prepare)
+    resolved = resolve_attention(config.model.attention, devices[0].platform, len(devices))
 
     t0 = time.time()
-    jitted = sharding.jit_train_step(step_fn, mesh, config, state, batch, tx)
+    jitted, state, batch, mesh = build_step(config, devices, sizes, batch_size)
     lowered = jitted.lower(state, batch)
     lower_s = time.time() - t0
     t0 = time.time()
@@ -404,7 +455,7 @@ def plan(args) -> dict:
     stats = hlo_stats(compiled.as_text())
 
     # per-part argument bytes from the shard shapes
-    s_sh, b_sh = jitted.in_shardings
+    s_sh, b_sh = jitted.jitted.in_shardings
     parts = {}
     for name in state:
         parts[name] = sharding.per_device_bytes(state[name], s_sh[name])
@@ -435,8 +486,10 @@ def plan(args) -> dict:
         "batch": batch_size,
         "latent": [F, H, W, C],
         "tokens_per_clip": (F // dit_cfg.patch_size[0]) * (H // dit_cfg.patch_size[1]) * (W // dit_cfg.patch_size[2]),
-        "model": {k: getattr(dit_cfg, k) for k in ("model_type", "dim", "num_layers", "num_heads", "ffn_dim",
-                                                       "param_dtype", "dtype", "remat_policy", "attention")},
+        "model": dict({k: getattr(dit_cfg, k) for k in ("model_type", "dim", "num_layers", "num_heads", "ffn_dim",
+                                                            "param_dtype", "dtype", "remat_policy")},
+                      attention=resolved, attention_config=requested,
+                      attention_override=args.attention or None),
         "lora_rank": int(config.lora.rank),
         "erft": {"bank_mode": sharding.bank_mode(config),
                  "bank_replicas": sharding.num_bank_replicas(config, args.devices),
@@ -462,6 +515,8 @@ def plan(args) -> dict:
         },
         "collective_gb_per_device": stats["collective_bytes"] / GB,
         "collective_gb_by_kind": {k: v / GB for k, v in stats["collective_bytes_by_kind"].items()},
+        "remat_policies": (remat_report(config, devices, sizes, batch_size, _policies(args.remat_policies),
+                                        chip["hbm_gb"]) if args.remat_policies else {}),
         "lower_s": lower_s,
         "compile_s": compile_s,
         "jax": jax.__version__,
@@ -474,6 +529,12 @@ def plan(args) -> dict:
     return report
 
 
+def _policies(text: str) -> list:
+    if text == "all":
+        return ["full", "save_attention", "offload_attention"]
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
 def format_report(r: dict) -> str:
     m, fl, pd = r["mesh"], r["flops"], r["per_device_gb"]
     mesh = " x ".join(f"{k}={v}" for k, v in m.items() if v > 1) or "1 device"
@@ -482,7 +543,9 @@ def format_report(r: dict) -> str:
         f"compiled for {r['target']}{' ' + r['topology'] if r['topology'] else ''} ({r['device_kind']})",
         f"  batch {r['batch']} clips, latent {r['latent']}, {r['tokens_per_clip']} tokens/clip, "
         f"model {r['model']['dim']}x{r['model']['num_layers']} {r['model']['param_dtype']}, "
-        f"attention {r['model']['attention']}, remat {r['model']['remat_policy']}, LoRA r{r['lora_rank']}",
+        f"attention {r['model']['attention']}"
+        f"{' (override --attention)' if r['model'].get('attention_override') else ''}, "
+        f"remat {r['model']['remat_policy']}, LoRA r{r['lora_rank']}",
         f"  banks: {r['erft']['bank_mode']} x{r['erft']['bank_replicas']}, {r['erft']['num_grids']} grids x "
         f"{r['erft']['capacity']} {r['erft']['bank_dtype']}",
         "  per device (GB): arguments {:.2f}  outputs {:.2f}  aliased {:.2f}  temporaries {:.2f}  -> peak {:.2f} "
@@ -498,6 +561,13 @@ def format_report(r: dict) -> str:
         f"{r['collective_gb_per_device']:.1f} GB/device/step",
         f"  lower {r['lower_s']:.1f} s, compile {r['compile_s']:.1f} s",
     ]
+    for name, p in r.get("remat_policies", {}).items():
+        if "error" in p:
+            lines.append(f"  remat {name}: DOES NOT FIT ({p['error']})")
+            continue
+        lines.append(f"  remat {name}: peak {p['peak']:.2f} GB/device (temporaries {p['temporaries']:.2f}) "
+                     f"{'fits' if p['fits'] else 'DOES NOT FIT'}, compiled {p['compiled_flops_per_device']:.3e} "
+                     f"FLOPs/device")
     return "\n".join(lines)
 
 
@@ -508,7 +578,13 @@ def main(argv=None) -> int:
         ensure_devices(args.devices, argv)
     else:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host's own backend; the TPU is compile-only
-    report = plan(args)
+    try:
+        report = plan(args)
+    except Exception as e:  # noqa: BLE001
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        print(f"error: the step does not fit this target: {str(e).strip().splitlines()[0][:400]}", file=sys.stderr)
+        return 3
     print(format_report(report), flush=True)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

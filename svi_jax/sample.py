@@ -514,6 +514,14 @@ def preflight(out: str, resume: bool = False, overwrite: bool = False) -> bool:
     return resume
 
 
+def _resolved_attention(sampler) -> str:
+    """What the DiT's ``attention`` (``auto``: the platform's fused kernel) runs as here."""
+    from svi_jax.models.layers import resolve_attention
+
+    cfg = getattr(sampler, "dit_config", None)
+    return resolve_attention(cfg.attention if cfg is not None else "auto", jax.default_backend())
+
+
 def generate(sampler: LongVideoSampler, reference_u8: np.ndarray, prompts: Sequence[str], out: str, *,
              seed: int = 0, seed_times: int = 42, inputs: Optional[dict] = None, resume: bool = False,
              overwrite: bool = False, repeat_first_clip: bool = False, save_clips: bool = False,
@@ -580,7 +588,7 @@ def generate(sampler: LongVideoSampler, reference_u8: np.ndarray, prompts: Seque
                 "new_frames_per_clip": sampler.new_frames_per_clip,
                 "first_clip_frames": sampler.new_frames_per_clip, "total_frames": sampler.total_frames(done),
                 "height": sampler.H, "width": sampler.W, "settings": settings, "compile_s": meta.get("compile_s"),
-                "clips": records[:done]}
+                "attention": _resolved_attention(sampler), "clips": records[:done]}
 
     clip_bar = tqdm(total=num_clips, initial=min(state.clip, num_clips), desc="clips", unit="clip",
                     disable=not progress, dynamic_ncols=True)

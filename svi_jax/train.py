@@ -190,6 +190,21 @@ def make_train_step(config, prepare: Callable[[Any, dict, jax.Array], dict]):
     return step, module, tx
 
 
+def sharded_train_step(config, conditioner, mesh, state_shardings):
+    """The train step as the trainer runs it, jitted on ``mesh`` with ``state_shardings`` (``sharding.TrainStep``;
+    ``svi_jax.plan`` compiles this very object). Returns ``(step, module, tx)``."""
+    step_fn, module, tx = make_train_step(config, conditioner.prepare)
+    enc = sharding.encoder_configs(conditioner)
+    return sharding.TrainStep(step_fn, mesh, config, state_shardings, tx, enc), module, tx
+
+
+def resolved_attention(config, mesh) -> str:
+    """What ``config.model.attention`` runs as on ``mesh``'s devices (``auto``: the platform's fused kernel)."""
+    from svi_jax.models.layers import resolve_attention
+
+    return resolve_attention(config.model.attention, mesh.devices.flat[0].platform, mesh.devices.size)
+
+
 # ------------------------------------------------------------------------------------------------ setup
 
 
@@ -278,14 +293,16 @@ class Trainer:
             data = make_data(config, self.workdir)
         self.data = data
         params = {"dit": load_frozen_params(config, key), **conditioner.params}
-        step_fn, self.module, self.tx = make_train_step(config, conditioner.prepare)
         # one mesh from config.mesh (svi_jax.sharding): the state is created split over it and the step is jitted
         # with explicit in/out shardings (on one device all of this is a no-op)
         self.mesh = sharding.make_mesh(config.mesh)
         enc = sharding.encoder_configs(conditioner)
         self.state, self.shardings = sharding.init_sharded(lambda p, k: init_state(config, p, k), params,
-                                                           jax.random.fold_in(key, 2), self.mesh, config, self.tx, enc)
-        self.step_fn = sharding.TrainStep(step_fn, self.mesh, config, self.shardings, self.tx, enc)
+                                                           jax.random.fold_in(key, 2), self.mesh, config,
+                                                           make_optimizer(config), enc)
+        self.step_fn, self.module, self.tx = sharded_train_step(config, conditioner, self.mesh, self.shardings)
+        log.info("attention: %s -> %s on %s", config.model.attention, resolved_attention(config, self.mesh),
+                 self.mesh.devices.flat[0].platform)
         self.ckpt = self._manager()
 
     def device_batch(self, host_batch: dict) -> dict:

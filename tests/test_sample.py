@@ -301,6 +301,7 @@ def test_frame_count_and_outputs(env, shot_run, film, tmp_path):
     assert [c["prompt"] for c in side["clips"]] == env["prompts"] + env["prompts"][:1]
     assert side["clips"][2]["frames"] == [2 * (T - 1), 3 * (T - 1) + 1]
     assert all(c["timings"]["s_per_step"] > 0 for c in side["clips"])
+    assert side["attention"] == "per_head"                   # what attention='auto' ran as on this CPU
     # Film: 5 motion frames are dropped from every clip but the last
     s2 = S.generate(film, env["ref"], ["a", "b"], str(tmp_path / "film.mp4"), progress=False, save_clips=True)
     assert s2["total_frames"] == 2 * (T - 5) + 5 == video_io.count_frames(str(tmp_path / "film.mp4"))

@@ -17,19 +17,27 @@
   Cross-attention (keys and values from the short text/image context) is recognised by ``Lk != Lq``: the context
   stays replicated over the ``context`` axis and only the queries are sharded, with no communication.
   Batch is split over the ``data``/``fsdp`` axes and heads over ``tensor`` where the sizes divide.
-  Without a mesh (or with a ``context`` axis of size 1) both fall back to :func:`flash_attention`.
+  Without a mesh (or with a ``context`` axis of size 1) both fall back to the local kernel.
+  The per-device kernel (``kernel=``) is the platform's by default: splash on TPU, cuDNN on GPU, :func:`flash_attention`
+  elsewhere (``svi_jax.models.attention_kernels``); ring hops always use the blockwise kernel here.
+* :func:`kernel_attention`: a fused kernel (``splash`` / ``cudnn``) run per device inside ``shard_map`` over the
+  batch and head axes of the mesh in context (Ulysses when ``context`` > 1).
 
 Layout everywhere: ``q [B, Lq, H, D]``, ``k, v [B, Lk, H, D]`` -> ``[B, Lq, H, D]`` in the dtype of ``q``.
 """
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
+
+from svi_jax.models.attention_kernels import RESIDUAL_NAME as RESIDUALS, backend_kernel, local_kernel
 
 NEG = -1e30  # masked score (finite, so exp() underflows to 0 without inf - inf = nan)
 BATCH_AXES = ("data", "fsdp")
@@ -152,8 +160,8 @@ def _flash(q, k, v, scale, bq, bk, kv_len):
 
 def _flash_fwd(q, k, v, scale, bq, bk, kv_len):
     o, lse = _fwd(q, k, v, scale, bq, bk, kv_len)
-    o = o.astype(q.dtype)
-    return o, (q, k, v, o, lse)
+    o = checkpoint_name(o.astype(q.dtype), RESIDUALS)
+    return o, (q, k, v, o, checkpoint_name(lse, RESIDUALS))
 
 
 def _flash_bwd(scale, bq, bk, kv_len, res, do):
@@ -263,20 +271,53 @@ def _context_mesh():
     return None if mesh is None or mesh.empty else mesh
 
 
+def _batch_head_specs(mesh, B, H):
+    batch = _fitting_axes(mesh, BATCH_AXES, B) or None
+    heads = HEAD_AXIS if _axis_size(mesh, HEAD_AXIS) > 1 and H % _axis_size(mesh, HEAD_AXIS) == 0 else None
+    return batch, heads
+
+
+def kernel_attention(q, k, v, kernel: str, scale: float | None = None, block_q: int = 512, block_k: int = 512,
+                     mesh=None):
+    """A fused kernel (``splash`` / ``cudnn``, see :mod:`svi_jax.models.attention_kernels`) run per device: inside
+    ``shard_map`` with the batch over ``data``/``fsdp`` and heads over ``tensor`` when a mesh with more than one
+    device is in context (a Pallas / cuDNN call cannot be split by the compiler itself), as Ulysses when the
+    ``context`` axis is > 1, directly otherwise."""
+    fn = local_kernel(kernel)
+    mesh = mesh if mesh is not None else _context_mesh()
+    scale = float(1.0 / np.sqrt(q.shape[-1])) if scale is None else float(scale)
+    if mesh is None or math.prod(dict(mesh.shape).values()) == 1:
+        return fn(q, k, v, scale, block_q, block_k)
+    if _axis_size(mesh, CONTEXT_AXIS) > 1:
+        return sequence_parallel_attention(q, k, v, "ulysses", scale, block_q, block_k, mesh, kernel=kernel)
+    batch, heads = _batch_head_specs(mesh, q.shape[0], q.shape[2])
+    spec = P(batch, None, heads, None)
+    body = lambda q, k, v: fn(q, k, v, scale, block_q, block_k)  # noqa: E731
+    return jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
+
+
 def sequence_parallel_attention(q, k, v, impl: str = "ulysses", scale: float | None = None, block_q: int = 512,
-                                block_k: int = 512, mesh=None):
-    """Attention with the query sequence sharded over the ``context`` mesh axis (see the module docstring)."""
+                                block_k: int = 512, mesh=None, kernel: str | None = None):
+    """Attention with the query sequence sharded over the ``context`` mesh axis (see the module docstring).
+
+    ``kernel``: the per-device attention (``splash``, ``cudnn`` or ``flash``; default: the platform's, see
+    ``attention_kernels.backend_kernel``). Ring hops always use the blockwise JAX kernel here (the ring merges
+    per-hop log-sum-exps and needs each hop's backward given the final one, which the fused kernels do not
+    expose)."""
     if impl not in SEQUENCE_PARALLEL_IMPLS:
         raise ValueError(f"sequence-parallel attention must be one of {SEQUENCE_PARALLEL_IMPLS}, got {impl!r}")
     mesh = mesh if mesh is not None else _context_mesh()
+    kernel = kernel or backend_kernel()
+    fn = local_kernel(kernel)
     c = _axis_size(mesh, CONTEXT_AXIS)
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     scale = float(1.0 / np.sqrt(D)) if scale is None else float(scale)
     if c == 1:
-        return flash_attention(q, k, v, scale, block_q, block_k)
-    batch = _fitting_axes(mesh, BATCH_AXES, B) or None
-    heads = HEAD_AXIS if _axis_size(mesh, HEAD_AXIS) > 1 and H % _axis_size(mesh, HEAD_AXIS) == 0 else None
+        if kernel == "flash":
+            return flash_attention(q, k, v, scale, block_q, block_k)
+        return kernel_attention(q, k, v, kernel, scale, block_q, block_k, mesh)
+    batch, heads = _batch_head_specs(mesh, B, H)
     h_local = H // (_axis_size(mesh, HEAD_AXIS) if heads else 1)
     self_attn = Lk == Lq
     pad = (-Lq) % c  # ragged sequence: pad to a multiple of c, padded keys are masked, padded queries dropped
@@ -290,7 +331,7 @@ def sequence_parallel_attention(q, k, v, impl: str = "ulysses", scale: float | N
 
     if not self_attn:  # cross-attention: the short context is replicated over 'context'; only queries are split
         def body(q, k, v):
-            return flash_attention(q, k, v, scale, block_q, block_k)
+            return fn(q, k, v, scale, block_q, block_k)
     elif impl == "ulysses":
         if h_local % c:
             raise ValueError(f"ulysses attention needs the heads per tensor shard ({h_local}) divisible by the "
@@ -298,7 +339,7 @@ def sequence_parallel_attention(q, k, v, impl: str = "ulysses", scale: float | N
 
         def body(q, k, v):
             fwd = lambda x: lax.all_to_all(x, CONTEXT_AXIS, 2, 1, tiled=True)  # noqa: E731  [b,L/c,h,D]->[b,L,h/c,D]
-            o = flash_attention(fwd(q), fwd(k), fwd(v), scale, block_q, block_k, kv_len=Lq if pad else None)
+            o = fn(fwd(q), fwd(k), fwd(v), scale, block_q, block_k, kv_len=Lq if pad else None)
             return lax.all_to_all(o, CONTEXT_AXIS, 1, 2, tiled=True)
     else:
         def body(q, k, v):

@@ -30,6 +30,11 @@ REMAT_POLICIES = {
     "dots_saveable": "dots_saveable",
     "dots_with_no_batch_dims_saveable": "dots_with_no_batch_dims_saveable",
     "everything_saveable": "everything_saveable",
+    # attention outputs + the kernels' saved output / log-sum-exp kept, the rest of the block recomputed: the
+    # backward does not run the attention forward again (svi_jax.models.remat)
+    "save_attention": "save_attention",
+    # the same tensors moved to pinned host memory between forward and backward (where the backend has it)
+    "offload_attention": "offload_attention",
 }
 
 
@@ -55,7 +60,9 @@ class DiTConfig:
     # execution
     param_dtype: str = "float32"
     dtype: str = "float32"           # compute dtype
-    attention: str = "auto"          # auto | xla | cudnn | per_head
+    attention: str = "auto"          # auto | splash | cudnn | flash | per_head | xla | ulysses | ring (layers.py)
+    attention_block_q: int = 512     # splash tile sizes (multiples of 128; see models/attention_kernels.py)
+    attention_block_kv: int = 512
     remat_policy: str = "none"
     scan_layers: bool = True
     lora_scale: float = 1.0          # s in x W + s (x A) B (alpha / rank while training)
@@ -168,7 +175,7 @@ class SelfAttention(nn.Module):
         split = lambda t: einops.rearrange(t, "b l (h d) -> b l h d", h=cfg.num_heads)  # noqa: E731
         q, k, v = split(q), split(k), split(v)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = attention(q, k, v, cfg.attention)
+        o = attention(q, k, v, cfg.attention, block_q=cfg.attention_block_q, block_kv=cfg.attention_block_kv)
         o = einops.rearrange(o, "b l h d -> b l (h d)")
         return lin("o", ("heads", "embed"))(o)
 
@@ -189,11 +196,12 @@ class CrossAttention(nn.Module):
         q = split(norm("norm_q")(lin("q")(x)))
         k = split(norm("norm_k")(lin("k")(ctx)))
         v = split(lin("v")(ctx))
-        o = attention(q, k, v, cfg.attention)
+        o = attention(q, k, v, cfg.attention, block_q=cfg.attention_block_q, block_kv=cfg.attention_block_kv)
         if cfg.is_i2v:
             k_img = split(norm("norm_k_img")(lin("k_img")(ctx_img)))
             v_img = split(lin("v_img")(ctx_img))
-            o = o + attention(q, k_img, v_img, cfg.attention)
+            o = o + attention(q, k_img, v_img, cfg.attention, block_q=cfg.attention_block_q,
+                              block_kv=cfg.attention_block_kv)
         o = einops.rearrange(o, "b l h d -> b l (h d)")
         return lin("o", ("heads", "embed"))(o)
 
@@ -247,16 +255,20 @@ class WanDiT(nn.Module):
     def setup_blocks(self):
         cfg = self.cfg
         policy = REMAT_POLICIES[cfg.remat_policy]
+        if policy is not None:
+            from svi_jax.models.remat import checkpoint_policy
+
+            policy = checkpoint_policy(policy)
         if cfg.scan_layers:
             blk = Block
             if policy is not None:
-                blk = nn.remat(blk, policy=getattr(jax.checkpoint_policies, policy), prevent_cse=False)
+                blk = nn.remat(blk, policy=policy, prevent_cse=False)
             return nn.scan(blk, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True},
                            in_axes=(nn.broadcast,) * 5, length=cfg.num_layers,
                            metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="blocks")
         blk = Block
         if policy is not None:
-            blk = nn.remat(blk, policy=getattr(jax.checkpoint_policies, policy))
+            blk = nn.remat(blk, policy=policy)
         return [blk(cfg, name=f"blocks_{i}") for i in range(cfg.num_layers)]
 
     @nn.compact

@@ -9,14 +9,18 @@ The params pytree stays frozen; LoRA weights are a separate pytree (``svi_jax.lo
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
 Dtype = Any
+log = logging.getLogger(__name__)
+RESIDUALS = "attention_residuals"  # checkpoint_name of the saved output + log-sum-exp inside the attention VJPs
 
 
 def dtype_of(name) -> jnp.dtype:
@@ -154,41 +158,76 @@ class RMSNorm(nn.Module):
 
 # ----------------------------------------------------------------------------------------------- attention
 
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "per_head", "flash", "ulysses", "ring")
+ATTENTION_IMPLS = ("auto", "splash", "cudnn", "flash", "per_head", "xla", "ulysses", "ring")
+XLA_WARN_TOKENS = 8192   # attention='xla' above this many query or key tokens logs the score-matrix size
+ATTENTION_OUT = "attention_out"  # checkpoint_name of every attention output (remat policy 'save_attention')
 
 
-def resolve_attention(impl: str) -> str:
+def resolve_attention(impl: str, platform: str | None = None, num_devices: int | None = None) -> str:
+    """``auto`` -> the fused kernel of the platform the program is traced for (the mesh in context, else JAX's
+    default backend): ``splash`` on TPU, ``cudnn`` on GPU, ``per_head`` on one CPU device (``flash`` on a CPU mesh of
+    several devices: ``per_head``'s loop over ``heads x batch`` cannot be split over a batch-sharded mesh, so every
+    device would compute every example; ``flash`` on anything else). Never ``xla`` (a dense ``[B, H, Lq, Lk]`` score
+    matrix): that stays an explicit choice. ``platform`` / ``num_devices``: of the target (default: traced)."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLS}, got {impl!r}")
     if impl != "auto":
         return impl
-    backend = jax.default_backend()
-    return "per_head" if backend == "cpu" else "xla"
+    from svi_jax.models.attention_kernels import platform as traced_platform, traced_num_devices
+
+    plat = platform or traced_platform()
+    n = traced_num_devices() if num_devices is None else int(num_devices)
+    if plat == "cpu":
+        return "per_head" if n <= 1 else "flash"
+    return {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn"}.get(plat, "flash")
 
 
-def attention(q, k, v, impl: str = "auto", scale: float | None = None):
+def _warn_dense(q, k):
+    b, lq, h, _ = q.shape
+    lk = k.shape[1]
+    if max(lq, lk) > XLA_WARN_TOKENS:
+        log.warning("attention='xla' at %d query x %d key tokens materialises a [%d, %d, %d, %d] float32 score "
+                    "matrix (%.1f GB per call); attention='auto' picks a fused kernel", lq, lk, b, h, lq, lk,
+                    4.0 * b * h * lq * lk / 1e9)
+
+
+def attention(q, k, v, impl: str = "auto", scale: float | None = None, block_q: int = 512, block_kv: int = 512):
     """Multi-head attention without mask. ``q [B, Lq, H, D]``, ``k, v [B, Lk, H, D]`` -> ``[B, Lq, H, D]``.
 
-    * ``xla`` / ``cudnn``: ``jax.nn.dot_product_attention`` with that implementation.
+    * ``auto``: see :func:`resolve_attention`.
+    * ``splash`` (Pallas, TPU; interpret mode elsewhere) / ``cudnn`` (cuDNN flash attention, GPU): fused kernels
+      (:mod:`svi_jax.models.attention_kernels`), run per device inside ``shard_map`` when a mesh is in context
+      (batch over ``data``/``fsdp``, heads over ``tensor``, and Ulysses over ``context``). ``block_q`` /
+      ``block_kv``: splash tile sizes.
+    * ``xla``: ``jax.nn.dot_product_attention(implementation="xla")``, a dense score matrix (warns above
+      ``XLA_WARN_TOKENS`` tokens).
     * ``per_head``: one head at a time (``lax.map``) with its own VJP (no stored probabilities); on CPU the fastest
       here (forward+backward 1.29x faster than ``xla``, 1.08x than ``flash`` at 1,950 tokens, see
       ``docs/benchmarks.md``); keeps one ``[Lq, Lk]`` score matrix alive.
-    * ``flash``: blockwise, ``O(L)`` memory; ``ulysses`` / ``ring``: the sequence sharded over the ``context``
-      mesh axis with ``shard_map`` (see ``svi_jax.models.attention_parallel``).
+    * ``flash``: blockwise pure JAX, ``O(L)`` memory; ``ulysses`` / ``ring``: the sequence sharded over the
+      ``context`` mesh axis with ``shard_map`` (see ``svi_jax.models.attention_parallel``), the kernel inside from
+      the backend (splash / cudnn / flash).
+
+    The output is tagged ``attention_out`` (``checkpoint_name``) for the remat policies of ``svi_jax.models.dit``.
     """
     impl = resolve_attention(impl)
     d = q.shape[-1]
     scale = (1.0 / np.sqrt(d)) if scale is None else scale
-    if impl in ("flash", "ulysses", "ring"):
+    if impl in ("flash", "ulysses", "ring", "splash", "cudnn"):
         from svi_jax.models import attention_parallel as ap
 
         if impl == "flash":
-            return ap.flash_attention(q, k, v, scale)
-        return ap.sequence_parallel_attention(q, k, v, impl, scale)
-    if impl in ("xla", "cudnn"):
-        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=impl)
-
-    return per_head_attention(q, k, v, float(scale))
+            o = ap.flash_attention(q, k, v, scale)
+        elif impl in ("splash", "cudnn"):
+            o = ap.kernel_attention(q, k, v, impl, scale, block_q, block_kv)
+        else:
+            o = ap.sequence_parallel_attention(q, k, v, impl, scale, block_q, block_kv)
+    elif impl == "xla":
+        _warn_dense(q, k)
+        o = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla")
+    else:
+        o = per_head_attention(q, k, v, float(scale))
+    return checkpoint_name(o, ATTENTION_OUT)
 
 
 # Per-head attention with its own VJP. The backward recomputes each head's probabilities from the saved log-sum-exp
@@ -242,6 +281,7 @@ def per_head_attention(q, k, v, scale: float):
 
 def _per_head_fwd(q, k, v, scale):
     o, lse = _per_head_fwd_impl(q, k, v, scale)
+    o, lse = checkpoint_name(o, RESIDUALS), checkpoint_name(lse, RESIDUALS)
     return o, (q, k, v, o, lse)
 
 

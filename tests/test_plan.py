@@ -1,0 +1,48 @@
+"""svi_jax.plan compiles the trainer's own step: the same lowered program as the Trainer's on 8 fake devices, the
+attention that 'auto' resolves to on the target, overrides recorded, and the memory of each remat policy."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.test_sharding import ROOT, _env
+
+SMALL = ["--set", "model.num_layers=2", "--set", "model.dim=64", "--set", "model.num_heads=2",
+         "--set", "model.ffn_dim=128", "--set", "model.text_dim=32", "--set", "model.text_len=16",
+         "--set", "model.image_dim=32", "--set", "data.num_frames=9", "--set", "data.height=32",
+         "--set", "data.width=32", "--set", "lora.rank=4", "--set", "erft.capacity=4"]
+
+
+def test_plan_step_lowers_to_the_trainers_program_on_eight_devices():
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "plan_identity_worker.py")], env=_env(8),
+                          capture_output=True, text=True, timeout=900, cwd=str(ROOT))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "OK identical" in proc.stdout
+
+
+def _plan(tmp_path: Path, *extra):
+    out = tmp_path / "plan.json"
+    cmd = [sys.executable, "-m", "svi_jax.plan", "--config", str(ROOT / "configs" / "shot.py"), "--devices", "2",
+           "--mesh", "data=2", "--json", str(out), *SMALL, *extra]
+    proc = subprocess.run(cmd, env=_env(1), capture_output=True, text=True, timeout=600, cwd=str(ROOT))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_plan_reports_the_resolved_attention_and_each_remat_policy(tmp_path):
+    r, text = _plan(tmp_path, "--remat-policies", "save_attention")   # next to the config's own ('full')
+    # a CPU mesh of 2 devices: 'auto' is flash (per_head on one CPU device)
+    assert r["model"]["attention_config"] == "auto" and r["model"]["attention"] == "flash"
+    assert r["model"]["attention_override"] is None and "override" not in text
+    pol = r["remat_policies"]
+    assert r["model"]["remat_policy"] == "full" and set(pol) == {"save_attention"}
+    assert pol["save_attention"]["peak"] > 0 and pol["save_attention"]["fits"]
+    # saving the attention outputs: the backward skips the attention forward
+    assert pol["save_attention"]["compiled_flops_per_device"] < r["flops"]["compiled_per_device"]
+    assert "remat save_attention: peak" in text
+
+
+def test_plan_attention_override_is_recorded(tmp_path):
+    r, text = _plan(tmp_path, "--attention", "flash")
+    assert r["model"]["attention"] == "flash" and r["model"]["attention_override"] == "flash"
+    assert "attention flash (override --attention)" in text
