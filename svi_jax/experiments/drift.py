@@ -242,7 +242,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m svi_jax.experiments.drift", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="where every stage writes (re-run to continue)")
-    p.add_argument("--quick", action="store_true", help="the smoke version: a few steps, 3 clips, 2 seeds")
+    p.add_argument("--quick", action="store_true", help="the smoke version: a few steps, 3 clips, 2 starts x 1 seed")
     p.add_argument("--report", default=None, help="also write the tables here (plots and results.json beside it, "
                                                   "in drift/)")
     p.add_argument("--train_base", action="store_true",
