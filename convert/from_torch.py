@@ -6,6 +6,7 @@ Usage:
   python convert/from_torch.py vae  --src Wan2.1_VAE.pth --dst DIR
   python convert/from_torch.py t5   --src models_t5_umt5-xxl-enc-bf16.pth --dst DIR [--tokenizer DIR]
   python convert/from_torch.py clip --src models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth --dst DIR
+  python convert/from_torch.py wav2vec2 --src chinese-wav2vec2-base --dst DIR   (SVI-Talk audio features)
   python convert/from_torch.py dit-to-torch --src DIR --dst FILE.safetensors   (back to the official layout)
 
 Each kind detects the source layout (official Wan / diffusers / transformers) from the tensor names, reads
@@ -29,6 +30,7 @@ KINDS = {
     "vae": ("svi_jax.convert.vae", "Wan2.1 VAE (Wan2.1_VAE.pth or diffusers AutoencoderKLWan)"),
     "t5": ("svi_jax.convert.t5", "UMT5-XXL encoder (official .pth or transformers UMT5EncoderModel)"),
     "clip": ("svi_jax.convert.clip", "CLIP ViT-H/14 visual tower (official open-clip .pth or transformers)"),
+    "wav2vec2": ("svi_jax.convert.wav2vec2", "wav2vec2 audio encoder for SVI-Talk (transformers Wav2Vec2Model)"),
 }
 
 
