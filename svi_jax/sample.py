@@ -370,6 +370,14 @@ class LongVideoSampler:
     def new_frames_per_clip(self) -> int:
         return self.T - self.m
 
+    def segment_frames(self, state: ChainState, frames: np.ndarray) -> np.ndarray:
+        """The frames of clip ``state.clip`` that become its segment (the last ``m`` are held back as the tail)."""
+        return frames[: self.T - self.m]
+
+    def clip_record(self, k: int) -> dict:
+        """Extra per-clip entries of the sidecar / resume state (SVI-Talk: the clip's audio steps)."""
+        return {}
+
     def total_frames(self, num_clips: int) -> int:
         return num_clips * (self.T - self.m) + self.m
 
@@ -553,7 +561,7 @@ def generate(sampler: LongVideoSampler, reference_u8: np.ndarray, prompts: Seque
             t2 = time.perf_counter()
             frames = sampler.decode(latents)
             t3 = time.perf_counter()
-            new = frames[: sampler.T - sampler.m]
+            new = sampler.segment_frames(state, frames)
             video_io.write_mp4(o.segment(k), new, fps, crf)
             video_io.write_mp4(o.tail(k), frames[sampler.T - sampler.m:], fps, crf)
             if lossless:
@@ -567,7 +575,7 @@ def generate(sampler: LongVideoSampler, reference_u8: np.ndarray, prompts: Seque
             rec = {"clip": k, "prompt": prompt, "seed": s, "frames": [start, start + sampler.T],
                    "timings": {"condition_s": round(t1 - t0, 4), "sample_s": round(t2 - t1, 4),
                                "s_per_step": round((t2 - t1) / sampler.num_steps, 5),
-                               "decode_s": round(t3 - t2, 4)}}
+                               "decode_s": round(t3 - t2, 4)}, **sampler.clip_record(k)}
             records = records[:k] + [rec]
             _write_json(o.state_json, {"version": STATE_VERSION, "next_clip": k + 1, "settings": settings,
                                        "meta": meta, "clips": records})          # the commit point
@@ -651,27 +659,40 @@ def main(argv) -> int:
         schedule = schedule_prompts(prompts, FLAGS.num_clips, FLAGS.repeat_prompt, FLAGS.keep_first_prompt,
                                     FLAGS.cycle_prompts, FLAGS.prompt_prefix)
         reference = load_image(FLAGS.image, int(config.data.height), int(config.data.width))
+        talk = None
+        if config.model.get("multitalk", False):     # SVI-Talk: audio features, clips from the audio length
+            from svi_jax.talk import TalkRun
+
+            talk = TalkRun(FLAGS, config, prompts)
+            schedule = talk.schedule
     except (PromptFileError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     pause = os.environ.get("SVI_SAMPLE_PAUSE_AT")               # tests: "clip:step"
     bar = StepBar(FLAGS.progress, tuple(int(v) for v in pause.split(":")) if pause else None,
                   FLAGS.out + ".paused" if pause else None)
-    inputs = {"image_sha256": file_sha256(FLAGS.image), "lora": None, "lora_scale": float(FLAGS.lora_scale)}
+    inputs = {"image_sha256": file_sha256(FLAGS.image), "lora": None, "lora_scale": float(FLAGS.lora_scale),
+              **(talk.inputs if talk else {})}
     try:
         preflight(FLAGS.out, FLAGS.resume, FLAGS.overwrite)
         if FLAGS.lora:
             lora_file = resolve_lora(FLAGS.lora)
             inputs["lora"] = {"path": os.path.abspath(lora_file), "sha256": file_sha256(lora_file)}
-        sampler = LongVideoSampler(config, lora=FLAGS.lora, lora_scale=FLAGS.lora_scale, num_steps=FLAGS.num_steps,
-                                   shift=FLAGS.shift, cfg_scale=FLAGS.cfg_scale, solver=FLAGS.solver,
-                                   chain=FLAGS.chain, motion_frames=FLAGS.motion_frames, pad=FLAGS.pad,
-                                   negative_prompt=FLAGS.negative_prompt, on_step=bar, cfg_batch=FLAGS.cfg_batch)
+        if talk is not None:
+            sampler = talk.sampler(bar)
+        else:
+            sampler = LongVideoSampler(config, lora=FLAGS.lora, lora_scale=FLAGS.lora_scale,
+                                       num_steps=FLAGS.num_steps, shift=FLAGS.shift, cfg_scale=FLAGS.cfg_scale,
+                                       solver=FLAGS.solver, chain=FLAGS.chain, motion_frames=FLAGS.motion_frames,
+                                       pad=FLAGS.pad, negative_prompt=FLAGS.negative_prompt, on_step=bar,
+                                       cfg_batch=FLAGS.cfg_batch)
         summary = generate(sampler, reference, schedule, FLAGS.out, seed=FLAGS.seed, seed_times=FLAGS.seed_times,
                            inputs=inputs, resume=FLAGS.resume, overwrite=FLAGS.overwrite,
                            repeat_first_clip=FLAGS.repeat_first_clip, save_clips=FLAGS.save_clips,
-                           lossless=FLAGS.lossless, fps=FLAGS.fps, crf=FLAGS.crf, progress=FLAGS.progress,
-                           step_bar=bar)
+                           lossless=FLAGS.lossless, fps=talk.fps if talk else FLAGS.fps, crf=FLAGS.crf,
+                           progress=FLAGS.progress, step_bar=bar, on_clip=talk.on_clip if talk else None)
+        if talk is not None:
+            talk.finish()
     except (ResumeError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -694,6 +715,10 @@ def _define_flags():
     flags.DEFINE_string("prompts", None, "Prompt file: a Python-style list (prompts = [\"...\", ...]) or one prompt "
                         "per line ('#' comment lines and blank lines skipped). UTF-8.")
     flags.DEFINE_string("prompt", None, "A single prompt instead of --prompts.")
+    flags.DEFINE_string("audio", None, "SVI-Talk (configs/talk.py): the speech (wav/mp3/flac/m4a, or a video's audio "
+                        "track). The number of clips follows its length (unless --num_clips); it is muxed into --out.")
+    flags.DEFINE_float("cfg_scale_audio", 5.0, "SVI-Talk audio guidance scale (official 5; the text scale is "
+                       "--cfg_scale, default 2 for Talk).")
     flags.DEFINE_string("out", None, "Output .mp4. Also written: OUT.json (prompts, seeds, timings), OUT.mp4.parts/ "
                         "(segments and resume state).")
     flags.DEFINE_integer("num_clips", 0, "Clips to generate; 0 = one per scheduled prompt (prompts x "
