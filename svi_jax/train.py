@@ -125,11 +125,17 @@ def make_train_step(config, prepare: Callable[[Any, dict, jax.Array], dict]):
     use_erft = bool(config.erft.enabled)
     full = is_full(config)
     cap = int(config.erft.capacity)
+    p_drop_audio = float(config.get("talk", {}).get("p_drop_audio", 0.0))
 
     def step(state, batch):
         rng, k_t, k_eps, k_inj, k_cur, k_prep = jax.random.split(state["rng"], 6)
         inputs = jax.lax.stop_gradient(prepare(state["params"], batch, k_prep))
         x0, y, ctx, clip = inputs["x0"], inputs.get("y"), inputs["context"], inputs.get("clip_fea")
+        audio = inputs.get("audio")                       # SVI-Talk audio windows, dropped with p_drop_audio
+        if audio is not None and p_drop_audio > 0:
+            from svi_jax.talk_data import drop_audio
+
+            audio = drop_audio(jax.random.fold_in(k_prep, 1), audio, p_drop_audio)
         b = x0.shape[0]
         tid = jax.random.randint(k_t, (b,), 0, flow.NUM_TRAIN_TIMESTEPS)
         sigma, t, w = sig_tab[tid], t_tab[tid], w_tab[tid]
@@ -147,7 +153,8 @@ def make_train_step(config, prepare: Callable[[Any, dict, jax.Array], dict]):
                 variables["lora"] = trainable["lora"]
             v = module.apply(variables, x_t.astype(cdt), t, ctx.astype(cdt),
                              clip_fea=None if clip is None else clip.astype(cdt),
-                             y=None if y_in is None else y_in.astype(cdt))
+                             y=None if y_in is None else y_in.astype(cdt),
+                             audio=None if audio is None else tuple(a.astype(cdt) for a in audio))
             per_example = jnp.mean(jnp.square(v - target.astype(jnp.float32)), axis=tuple(range(1, v.ndim)))
             return jnp.mean(per_example * w), v
 
