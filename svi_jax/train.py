@@ -238,7 +238,8 @@ def load_frozen_params(config, key) -> dict:
         from svi_jax.models.dit import DiT
 
         dit = DiT.from_dir(path)
-        for f in ("dim", "num_layers", "num_heads", "ffn_dim", "in_dim", "out_dim", "text_dim", "model_type"):
+        for f in ("dim", "num_layers", "num_heads", "ffn_dim", "in_dim", "out_dim", "text_dim", "model_type",
+                  "multitalk"):
             if getattr(dit.config, f) != getattr(cfg, f):
                 raise ConfigError(f"config.model.{f} = {getattr(cfg, f)!r} but the DiT checkpoint {path} has "
                                   f"{getattr(dit.config, f)!r}")

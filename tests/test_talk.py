@@ -93,7 +93,7 @@ def test_three_pass_guidance_matches_official_formula():
     out = talk.make_talk_sampler(cfg, 1, 5.0, 2.0, 5.0)(params, x, ctx, neg, clip, y, audio, null)
     m = WanDiT(cfg)
     t = jnp.full((1,), 1000.0, jnp.float32)
-    f = lambda c, a: m.apply({"params": params}, x, t, c, clip_fea=clip, y=y, audio=a)  # noqa: E731
+    f = jax.jit(lambda c, a: m.apply({"params": params}, x, t, c, clip_fea=clip, y=y, audio=a))
     vc, vu, vd = f(ctx, audio), f(neg, null), f(neg, audio)
     v = vu + 2.0 * (vc - vd) + 5.0 * (vd - vu)
     s = euler_sigmas(1, 5.0)
