@@ -152,7 +152,6 @@ class TalkConditioner:
 def drop_audio(key, audio, p: float):
     """Zero each example's audio windows with probability ``p`` (official p 0.1, train_svi_talk.py L969-973)."""
     import jax
-    import jax.numpy as jnp
 
     b = audio[0].shape[0]
     keep = (jax.random.uniform(key, (b,)) >= p).astype(audio[0].dtype)

@@ -3,7 +3,6 @@ windows in the DiT (audio layers frozen), bad/silent files skipped and counted."
 from __future__ import annotations
 
 import json
-import os
 import wave
 
 import jax

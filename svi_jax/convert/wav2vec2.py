@@ -155,4 +155,5 @@ def run(args) -> None:
     s = convert(args.src, args.dst, args.dtype)
     c = s["config"]
     print(f"converted wav2vec2: hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, "
-          f"{s['num_params'] / 1e6:.1f}M params ({c['param_dtype']}) -> {args.dst}  [peak RSS {s['peak_rss_mb']:.0f} MB]")
+          f"{s['num_params'] / 1e6:.1f}M params ({c['param_dtype']}) -> {args.dst}  "
+          f"[peak RSS {s['peak_rss_mb']:.0f} MB]")
