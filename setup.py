@@ -24,6 +24,7 @@ RUNTIME = [
     "scikit-image",
     "matplotlib",
     "tensorboardX",
+    "pyloudnorm",  # SVI-Talk: ITU-R BS.1770 loudness normalisation of the audio (as official)
 ]
 
 # PyTorch reference + converters. torch is pinned: an unpinned torch pulls a multi-GB CUDA build.

@@ -6,6 +6,7 @@ Usage:
   python convert/from_torch.py vae  --src Wan2.1_VAE.pth --dst DIR
   python convert/from_torch.py t5   --src models_t5_umt5-xxl-enc-bf16.pth --dst DIR [--tokenizer DIR]
   python convert/from_torch.py clip --src models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth --dst DIR
+  python convert/from_torch.py wav2vec2 --src chinese-wav2vec2-base --dst DIR   (SVI-Talk audio features)
   python convert/from_torch.py dit-to-torch --src DIR --dst FILE.safetensors   (back to the official layout)
   python convert/from_torch.py dance --src UniAnimate-Wan2.1-14B-Lora-12000.ckpt --dst DIR   (LoRA + pose module)
   python convert/from_torch.py dance-to-torch --src DIR --dst svi-dance.safetensors          (or .ckpt)
@@ -33,6 +34,7 @@ KINDS = {
     "clip": ("svi_jax.convert.clip", "CLIP ViT-H/14 visual tower (official open-clip .pth or transformers)"),
     "dance": ("svi_jax.convert.dance", "UniAnimate / SVI-Dance LoRA + dwpose_embedding (.ckpt or .safetensors)"),
     "dance-to-torch": ("svi_jax.convert.dance_export", "our dance adapter -> SVI-Dance .safetensors / .ckpt"),
+    "wav2vec2": ("svi_jax.convert.wav2vec2", "wav2vec2 audio encoder for SVI-Talk (transformers Wav2Vec2Model)"),
 }
 
 

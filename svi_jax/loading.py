@@ -11,6 +11,7 @@ _LOADERS = {
     "vae": "svi_jax.models.vae:VAE.from_dir",
     "t5": "svi_jax.models.t5:T5Encoder.from_dir",
     "clip": "svi_jax.models.clip:CLIPVision.from_dir",
+    "wav2vec2": "svi_jax.models.wav2vec2:Wav2Vec2Encoder.from_dir",
 }
 
 

@@ -205,7 +205,12 @@ def make_conditioner(config, workdir: str | None = None):
         raise ValueError(f"text encoder width {t5_cfg.dim} != config.model.text_dim {config.model.text_dim}")
     if codec.z_dim != config.model.out_dim:
         raise ValueError(f"VAE z_dim {codec.z_dim} != config.model.out_dim {config.model.out_dim}")
-    return PixelConditioner(config, codec, t5_cfg, t5_params, tok, clip_cfg, clip_params)
+    cond = PixelConditioner(config, codec, t5_cfg, t5_params, tok, clip_cfg, clip_params)
+    if config.model.get("multitalk", False):    # SVI-Talk: the batch's audio windows go to the DiT too
+        from svi_jax.talk_data import TalkConditioner
+
+        return TalkConditioner(cond)
+    return cond
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -218,6 +223,10 @@ def make_data(config, workdir: str, host_id: int | None = None, num_hosts: int |
     from svi_jax.data.loader import ClipLoader
 
     d = config.data
+    if config.model.get("multitalk", False):    # SVI-Talk: talking-head videos with their audio features
+        from svi_jax.talk_data import make_talk_data
+
+        return make_talk_data(config, workdir, host_id=host_id, num_hosts=num_hosts)
     if d.get("cache", ""):
         from svi_jax.data import cache as cache_mod
 

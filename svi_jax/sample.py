@@ -385,6 +385,14 @@ class LongVideoSampler:
     def new_frames_per_clip(self) -> int:
         return self.T - self.m
 
+    def segment_frames(self, state: ChainState, frames: np.ndarray) -> np.ndarray:
+        """The frames of clip ``state.clip`` that become its segment (the last ``m`` are held back as the tail)."""
+        return frames[: self.T - self.m]
+
+    def clip_record(self, k: int) -> dict:
+        """Extra per-clip entries of the sidecar / resume state (SVI-Talk: the clip's audio steps)."""
+        return {}
+
     def total_frames(self, num_clips: int) -> int:
         return num_clips * (self.T - self.m) + self.m
 
@@ -611,7 +619,7 @@ def generate(sampler: LongVideoSampler, reference_u8: np.ndarray, prompts: Seque
             t2 = time.perf_counter()
             frames = sampler.decode(latents)
             t3 = time.perf_counter()
-            new = frames[: sampler.T - sampler.m]
+            new = sampler.segment_frames(state, frames)
             video_io.write_mp4(o.segment(k), new, fps, crf)
             video_io.write_mp4(o.tail(k), frames[sampler.T - sampler.m:], fps, crf)
             if lossless:
@@ -625,7 +633,7 @@ def generate(sampler: LongVideoSampler, reference_u8: np.ndarray, prompts: Seque
             rec = {"clip": k, "prompt": prompt, "seed": s, "frames": [start, start + sampler.T],
                    "timings": {"condition_s": round(t1 - t0, 4), "sample_s": round(t2 - t1, 4),
                                "s_per_step": round((t2 - t1) / sampler.num_steps, 5),
-                               "decode_s": round(t3 - t2, 4)}}
+                               "decode_s": round(t3 - t2, 4)}, **sampler.clip_record(k)}
             for stream in sampler.streams:
                 rec.update(stream.record(k))
             records = records[:k] + [rec]
@@ -714,6 +722,12 @@ def main(argv) -> int:
                                     FLAGS.cycle_prompts, FLAGS.prompt_prefix)
         reference = load_image(FLAGS.image, int(config.data.height), int(config.data.width))
         streams, stream_inputs = condition_streams(config, FLAGS)
+        talk = None
+        if config.model.get("multitalk", False):     # SVI-Talk: audio features, clips from the audio length
+            from svi_jax.talk import TalkRun
+
+            talk = TalkRun(FLAGS, config, prompts)
+            schedule = talk.schedule
     except (PromptFileError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -721,10 +735,11 @@ def main(argv) -> int:
     bar = StepBar(FLAGS.progress, tuple(int(v) for v in pause.split(":")) if pause else None,
                   FLAGS.out + ".paused" if pause else None)
     inputs = {"image_sha256": file_sha256(FLAGS.image), "lora": None, "lora_scale": float(FLAGS.lora_scale),
-              **stream_inputs}
+              **stream_inputs, **(talk.inputs if talk else {})}
     defaults = config.get("sample", {})          # per-variant defaults of flags not given (e.g. Dance: CFG 2, 25 fps)
     cfg_scale = FLAGS.cfg_scale if FLAGS["cfg_scale"].present else float(defaults.get("cfg_scale", FLAGS.cfg_scale))
     fps = FLAGS.fps if FLAGS["fps"].present else float(defaults.get("fps", FLAGS.fps))
+    shift = FLAGS.shift if FLAGS.shift is not None else float(config.erft.shift)   # the shift it was trained at
     try:
         preflight(FLAGS.out, FLAGS.resume, FLAGS.overwrite)
         if FLAGS.lora:
@@ -732,20 +747,24 @@ def main(argv) -> int:
             inputs["lora"] = {"path": os.path.abspath(lora_file),
                               "sha256": file_sha256(os.path.join(lora_file, "config.json") if os.path.isdir(lora_file)
                                                     else lora_file)}
-        sampler = LongVideoSampler(config, lora=FLAGS.lora, lora_scale=FLAGS.lora_scale, num_steps=FLAGS.num_steps,
-                                   shift=FLAGS.shift if FLAGS.shift is not None else float(config.erft.shift),
-                                   cfg_scale=cfg_scale, solver=FLAGS.solver,
-                                   chain=FLAGS.chain, motion_frames=FLAGS.motion_frames, pad=FLAGS.pad,
-                                   negative_prompt=FLAGS.negative_prompt, on_step=bar, cfg_batch=FLAGS.cfg_batch,
-                                   streams=streams)
+        if talk is not None:
+            sampler = talk.sampler(bar, shift=shift)
+        else:
+            sampler = LongVideoSampler(config, lora=FLAGS.lora, lora_scale=FLAGS.lora_scale,
+                                       num_steps=FLAGS.num_steps, shift=shift, cfg_scale=cfg_scale,
+                                       solver=FLAGS.solver, chain=FLAGS.chain, motion_frames=FLAGS.motion_frames,
+                                       pad=FLAGS.pad, negative_prompt=FLAGS.negative_prompt, on_step=bar,
+                                       cfg_batch=FLAGS.cfg_batch, streams=streams)
         from svi_jax.prompt_checks import warn_long_prompts
 
         warn_long_prompts(sampler.tokenizer, schedule)
         summary = generate(sampler, reference, schedule, FLAGS.out, seed=FLAGS.seed, seed_times=FLAGS.seed_times,
                            inputs=inputs, resume=FLAGS.resume, overwrite=FLAGS.overwrite,
                            repeat_first_clip=FLAGS.repeat_first_clip, save_clips=FLAGS.save_clips,
-                           lossless=FLAGS.lossless, fps=fps, crf=FLAGS.crf, progress=FLAGS.progress,
-                           step_bar=bar)
+                           lossless=FLAGS.lossless, fps=talk.fps if talk else fps, crf=FLAGS.crf,
+                           progress=FLAGS.progress, step_bar=bar, on_clip=talk.on_clip if talk else None)
+        if talk is not None:
+            talk.finish()
     except (ResumeError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -776,6 +795,10 @@ def _define_flags():
     flags.DEFINE_string("prompts", None, "Prompt file: a Python-style list (prompts = [\"...\", ...]) or one prompt "
                         "per line ('#' comment lines and blank lines skipped). UTF-8.")
     flags.DEFINE_string("prompt", None, "A single prompt instead of --prompts.")
+    flags.DEFINE_string("audio", None, "SVI-Talk (configs/talk.py): the speech (wav/mp3/flac/m4a, or a video's audio "
+                        "track). The number of clips follows its length (unless --num_clips); it is muxed into --out.")
+    flags.DEFINE_float("cfg_scale_audio", 5.0, "SVI-Talk audio guidance scale (official 5; the text scale is "
+                       "--cfg_scale, default 2 for Talk).")
     flags.DEFINE_string("out", None, "Output .mp4. Also written: OUT.json (prompts, seeds, timings), OUT.mp4.parts/ "
                         "(segments and resume state).")
     flags.DEFINE_integer("num_clips", 0, "Clips to generate; 0 = one per scheduled prompt (prompts x "

@@ -126,6 +126,7 @@ def make_train_step(config, prepare: Callable[[Any, dict, jax.Array], dict]):
     use_erft = bool(config.erft.enabled)
     full = is_full(config)
     cap = int(config.erft.capacity)
+    p_drop_audio = float(config.get("talk", {}).get("p_drop_audio", 0.0))
 
     def step(state, batch):
         rng, k_t, k_eps, k_inj, k_cur, k_prep = jax.random.split(state["rng"], 6)
@@ -133,6 +134,11 @@ def make_train_step(config, prepare: Callable[[Any, dict, jax.Array], dict]):
         x0, ctx = inputs["x0"], inputs["context"]
         # extra condition streams and their dropout (SVI-Dance: pose; a no-op for other models)
         extra, y, clip, y_null = dance_train.condition(config, inputs, jax.random.fold_in(k_prep, 7))
+        audio = inputs.get("audio")                       # SVI-Talk audio windows, dropped with p_drop_audio
+        if audio is not None and p_drop_audio > 0:
+            from svi_jax.talk_data import drop_audio
+
+            audio = drop_audio(jax.random.fold_in(k_prep, 1), audio, p_drop_audio)
         b = x0.shape[0]
         tid = jax.random.randint(k_t, (b,), 0, flow.NUM_TRAIN_TIMESTEPS)
         sigma, t, w = sig_tab[tid], t_tab[tid], w_tab[tid]
@@ -151,7 +157,8 @@ def make_train_step(config, prepare: Callable[[Any, dict, jax.Array], dict]):
                 variables["lora"] = trainable["lora"]
             v = module.apply(dance_train.forward_variables(variables), x_t.astype(cdt), t, ctx.astype(cdt),
                              clip_fea=None if clip is None else clip.astype(cdt),
-                             y=None if y_in is None else y_in.astype(cdt), extra=extra)
+                             y=None if y_in is None else y_in.astype(cdt), extra=extra,
+                             audio=None if audio is None else tuple(a.astype(cdt) for a in audio))
             per_example = jnp.mean(jnp.square(v - target.astype(jnp.float32)), axis=tuple(range(1, v.ndim)))
             return jnp.mean(per_example * w), v
 
@@ -252,7 +259,8 @@ def load_frozen_params(config, key) -> dict:
         from svi_jax.models.dit import DiT
 
         dit = DiT.from_dir(path)
-        for f in ("dim", "num_layers", "num_heads", "ffn_dim", "in_dim", "out_dim", "text_dim", "model_type"):
+        for f in ("dim", "num_layers", "num_heads", "ffn_dim", "in_dim", "out_dim", "text_dim", "model_type",
+                  "multitalk"):
             if getattr(dit.config, f) != getattr(cfg, f):
                 raise ConfigError(f"config.model.{f} = {getattr(cfg, f)!r} but the DiT checkpoint {path} has "
                                   f"{getattr(dit.config, f)!r}")

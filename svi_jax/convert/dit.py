@@ -105,7 +105,7 @@ def infer_config(view: _OfficialView, cfg_json: dict | None, num_heads: int | No
     if out % math.prod(patch):
         raise ConversionError(f"head.head.weight {view.shape('head.head.weight')} is not a multiple of patch {patch}")
     i2v = view.has("img_emb.proj.1.weight")
-    return dict(
+    out_cfg = dict(
         model_type="i2v" if i2v else "t2v",
         dim=int(dim), num_layers=int(layers), num_heads=int(heads),
         ffn_dim=int(view.shape("blocks.0.ffn.0.weight")[0]),
@@ -118,6 +118,11 @@ def infer_config(view: _OfficialView, cfg_json: dict | None, num_heads: int | No
         cross_attn_norm=view.has("blocks.0.norm3.weight"),
         image_dim=int(view.shape("img_emb.proj.1.weight")[1]) if i2v else 1280,
     )
+    if view.has("audio_proj.proj1.weight"):
+        from svi_jax.convert.multitalk import infer_audio_config
+
+        out_cfg.update(infer_audio_config(view, cfg_json))
+    return out_cfg
 
 
 def official_key(path: str, layer: int | None) -> tuple[str, str]:
@@ -153,7 +158,7 @@ def to_official(value: np.ndarray, how: str) -> np.ndarray:
 
 
 def convert(src_path: str, dst: str, dtype: str | None = None, num_heads: int | None = None,
-            show_progress: bool = True) -> dict:
+            show_progress: bool = True, multitalk: str | None = None) -> dict:
     """Convert and write ``dst``; returns a summary (layout, config, peak RSS)."""
     import jax
 
@@ -161,6 +166,9 @@ def convert(src_path: str, dst: str, dtype: str | None = None, num_heads: int | 
     from svi_jax.models.dit import DiTConfig, param_shapes
 
     src = TensorSource(src_path, strip_prefixes=_STRIP_PREFIXES)
+    from svi_jax.convert.multitalk import with_multitalk
+
+    src = with_multitalk(src, multitalk)
     view = _OfficialView(src)
     cfg_d = infer_config(view, src.config, num_heads)
     out_dtype = parse_dtype(dtype)
@@ -243,12 +251,17 @@ def add_arguments(p):
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="stored param dtype (auto: bf16 if the source is half precision, else fp32)")
     p.add_argument("--num_heads", type=int, default=None, help="override when no config.json is beside the weights")
+    p.add_argument("--multitalk", default=None,
+                   help="SVI-Talk: also read the MultiTalk audio layers from this multitalk.safetensors (default: "
+                        "SRC/multitalk.safetensors when SRC is a directory holding one)")
     p.add_argument("--no_progress", action="store_true")
 
 
 def run(args):
-    s = convert(args.src, args.dst, args.dtype, args.num_heads, show_progress=not args.no_progress)
+    s = convert(args.src, args.dst, args.dtype, args.num_heads, show_progress=not args.no_progress,
+                multitalk=args.multitalk)
     c = s["config"]
     print(f"converted {s['layout']} {c['model_type'].upper()} DiT: dim {c['dim']}, {c['num_layers']} layers, "
-          f"{c['num_heads']} heads, {s['num_params'] / 1e6:.1f}M params ({c['param_dtype']}) -> {args.dst}  "
+          f"{c['num_heads']} heads{', MultiTalk audio layers' if c.get('multitalk') else ''}, "
+          f"{s['num_params'] / 1e6:.1f}M params ({c['param_dtype']}) -> {args.dst}  "
           f"[peak RSS {s['peak_rss_mb']:.0f} MB]")

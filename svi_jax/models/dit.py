@@ -21,6 +21,7 @@ import numpy as np
 import flax.linen as nn
 from flax.linen import meta as nn_meta
 
+from svi_jax.models.audio import audio_branch, audio_input_shapes, audio_tokens
 from svi_jax.models.layers import Linear, LayerNorm, RMSNorm, attention, dtype_of, gelu_tanh
 
 REMAT_POLICIES = {
@@ -68,6 +69,15 @@ class DiTConfig:
     lora_scale: float = 1.0          # s in x W + s (x A) B (alpha / rank while training)
     # extra conditions added to the patch tokens (``extra=`` of ``WanDiT.__call__``)
     pose_embedding: bool = False     # SVI-Dance / UniAnimate dwpose_embedding (svi_jax/models/pose.py)
+    # SVI-Talk: MultiTalk audio layers (audio_proj + per-block norm_x / audio_cross_attn), see models/audio.py
+    multitalk: bool = False
+    audio_in_dim: int = 768          # wav2vec2 hidden width
+    audio_layers: int = 12           # wav2vec2 hidden states stacked per audio step
+    audio_window: int = 5            # audio steps around each video frame
+    audio_vae_scale: int = 4         # video frames per latent frame (after the first)
+    audio_hidden: int = 512          # audio_proj intermediate width
+    audio_tokens: int = 32           # audio tokens per latent frame
+    audio_dim: int = 768             # audio token width (kv_linear input)
 
     @property
     def head_dim(self) -> int:
@@ -223,7 +233,7 @@ class Block(nn.Module):
     cfg: DiTConfig
 
     @nn.compact
-    def __call__(self, x, e0, ctx, ctx_img, cos, sin):
+    def __call__(self, x, e0, ctx, ctx_img, cos, sin, audio=None):
         cfg = self.cfg
         pdt = dtype_of(cfg.param_dtype)
         mod = self.param("modulation",
@@ -237,6 +247,8 @@ class Block(nn.Module):
         x = (x.astype(jnp.float32) + y.astype(jnp.float32) * gate).astype(dt)
         h = LayerNorm(cfg.eps, affine=True, param_dtype=pdt, name="norm3")(x) if cfg.cross_attn_norm else x
         x = x + CrossAttention(cfg, name="cross_attn")(h, ctx, ctx_img).astype(dt)
+        if cfg.multitalk and audio is not None:  # SVI-Talk: x += audio_cross_attn(norm_x(x)), no gate
+            x = x + audio_branch(cfg, x, audio).astype(dt)
         h = LayerNorm(cfg.eps, name="norm2")(x).astype(jnp.float32) * (1 + c_scale) + c_shift
         y = FFN(cfg, name="ffn")(h.astype(dtype_of(cfg.dtype)))
         x = (x.astype(jnp.float32) + y.astype(jnp.float32) * c_gate).astype(dt)
@@ -245,10 +257,11 @@ class Block(nn.Module):
 
 
 class WanDiT(nn.Module):
-    """``__call__(x, t, context, clip_fea=None, y=None, extra=None)`` -> velocity ``[B, F, H, W, out_dim]``.
+    """``__call__(x, t, context, clip_fea=None, y=None, extra=None, audio=None)`` -> velocity ``[B, F, H, W, out_dim]``.
 
     ``extra``: a dict of further condition streams, each read by the module its config field switches on
-    (``pose_embedding``: ``extra['pose']``, see :func:`svi_jax.models.pose.pose_tokens`)."""
+    (``pose_embedding``: ``extra['pose']``, see :func:`svi_jax.models.pose.pose_tokens`).
+    ``audio`` (``multitalk`` only): the windowed features ``(first, later)`` of :func:`svi_jax.talk.audio_windows`."""
 
     cfg: DiTConfig
 
@@ -264,7 +277,7 @@ class WanDiT(nn.Module):
             if policy is not None:
                 blk = nn.remat(blk, policy=policy, prevent_cse=False)
             return nn.scan(blk, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True},
-                           in_axes=(nn.broadcast,) * 5, length=cfg.num_layers,
+                           in_axes=(nn.broadcast,) * 6, length=cfg.num_layers,
                            metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="blocks")
         blk = Block
         if policy is not None:
@@ -272,7 +285,7 @@ class WanDiT(nn.Module):
         return [blk(cfg, name=f"blocks_{i}") for i in range(cfg.num_layers)]
 
     @nn.compact
-    def __call__(self, x, t, context, clip_fea=None, y=None, extra=None):
+    def __call__(self, x, t, context, clip_fea=None, y=None, extra=None, audio=None):
         cfg = self.cfg
         dt = dtype_of(cfg.dtype)
         if cfg.is_i2v:
@@ -310,13 +323,14 @@ class WanDiT(nn.Module):
         ctx_img = ImageEmbedding(cfg, name="img_emb")(clip_fea).astype(dt) if cfg.is_i2v else None
 
         cos, sin = rope_tables(grid, cfg.head_dim, cfg.rope_theta, cfg.rope_max_seq_len)
+        audio_tok = audio_tokens(cfg, audio, grid[0])
         xs = tokens
         blocks = self.setup_blocks()
         if cfg.scan_layers:
-            xs, _ = blocks(xs, e0, ctx, ctx_img, cos, sin)
+            xs, _ = blocks(xs, e0, ctx, ctx_img, cos, sin, audio_tok)
         else:
             for blk in blocks:
-                xs, _ = blk(xs, e0, ctx, ctx_img, cos, sin)
+                xs, _ = blk(xs, e0, ctx, ctx_img, cos, sin, audio_tok)
 
         out = Head(cfg, name="head")(xs, te)
         out = einops.rearrange(out, "b (f h w) (p q r c) -> b (f p) (h q) (w r) c",
@@ -441,14 +455,16 @@ def init_params(cfg: DiTConfig, key, boxed: bool = False):
     """Random params (plain arrays unless ``boxed``; logical names via :func:`logical_specs`)."""
     module = WanDiT(cfg)
     pt, ph, pw = cfg.patch_size
-    x, t, ctx, clip, y = example_inputs(cfg, 1, (pt, ph, pw), text_tokens=1)
+    x, t, ctx, clip, y = example_inputs(cfg, 1, (2 * pt if cfg.multitalk else pt, ph, pw), text_tokens=1)
     zeros = lambda s: None if s is None else jnp.zeros(s.shape, s.dtype)  # noqa: E731
     extra = None
     if cfg.pose_embedding:
         from svi_jax.models.pose import init_pose
 
         extra = {"pose": init_pose(cfg.dim)}
-    variables = module.init(key, zeros(x), zeros(t), zeros(ctx), clip_fea=zeros(clip), y=zeros(y), extra=extra)
+    audio = tuple(jnp.zeros(s) for s in audio_input_shapes(cfg, x.shape[1] // pt)) if cfg.multitalk else None
+    variables = module.init(key, zeros(x), zeros(t), zeros(ctx), clip_fea=zeros(clip), y=zeros(y), extra=extra,
+                            audio=audio)
     params = variables["params"]
     return params if boxed else nn_meta.unbox(params)
 
@@ -474,17 +490,17 @@ class DiT:
         self.lora = lora
         self._fn = jax.jit(self._apply)
 
-    def _apply(self, params, lora, x, t, context, clip_fea, y, extra=None):
+    def _apply(self, params, lora, x, t, context, clip_fea, y, extra=None, audio=None):
         variables = {"params": params}
         if lora is not None:
             variables["lora"] = lora
-        return self.module.apply(variables, x, t, context, clip_fea=clip_fea, y=y, extra=extra)
+        return self.module.apply(variables, x, t, context, clip_fea=clip_fea, y=y, extra=extra, audio=audio)
 
-    def __call__(self, x, t, context, *, clip_fea=None, y=None, extra=None):
+    def __call__(self, x, t, context, *, clip_fea=None, y=None, extra=None, audio=None):
         t = jnp.asarray(t, jnp.float32).reshape(-1)
         if t.shape[0] == 1 and x.shape[0] > 1:
             t = jnp.broadcast_to(t, (x.shape[0],))
-        return self._fn(self.params, self.lora, x, t, context, clip_fea, y, extra)
+        return self._fn(self.params, self.lora, x, t, context, clip_fea, y, extra, audio)
 
     # ---------------------------------------------------------------- io
     @classmethod
