@@ -448,7 +448,8 @@ class Trainer:
 
         lora = distributed.host_copy(self.state["lora"])  # every process takes part in the gather
         if distributed.is_main_process():
-            lora_lib.save(lora, path, prefix=self.config.lora.export_prefix)
+            lora_lib.save(lora, path, prefix=self.config.lora.export_prefix,
+                          scale=self.config.lora.alpha / self.config.lora.rank)  # the trained x W + s (x A) B
         return path
 
     def export_dit(self, directory: str | None = None) -> str:

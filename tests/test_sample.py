@@ -23,7 +23,7 @@ import pytest
 from svi_jax import sample as S
 from svi_jax import video_io
 from svi_jax.conditioning import i2v_mask
-from svi_jax.sampler import integrate, make_sampler, reference_sample, unipc_sigmas
+from svi_jax.sampler import integrate, make_sampler, unipc_sigmas
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T, H, W = 9, 8, 8          # 9 frames -> 3 latent frames of 4x4 (patch 2); Film's 5 motion frames fit
@@ -139,6 +139,23 @@ def test_prompt_schedule_and_seeds():
 
 
 # ------------------------------------------------------------------------------------------------ sampler
+
+
+def reference_sample(forward, noise, num_steps, shift, cfg_scale, context, neg_context, clip_fea, y):
+    """The official loop, written here (not shared with the sampler): Euler + CFG with two separate passes on the
+    grid ``shift(linspace(1, 0, N + 1)[:-1]) ++ [0]``, ``t = 1000 sigma``."""
+    s = np.linspace(1.0, 0.0, num_steps + 1)[:-1]
+    grid = np.concatenate([shift * s / (1 + (shift - 1) * s), [0.0]])
+    x = jnp.asarray(noise, jnp.float32)
+    for i in range(num_steps):
+        t = jnp.full((x.shape[0],), 1000.0 * grid[i], jnp.float32)
+        vc = forward(x, t, context, clip_fea, y)
+        v = vc
+        if cfg_scale != 1.0:
+            vu = forward(x, t, neg_context, clip_fea, y)
+            v = vu + cfg_scale * (vc - vu)
+        x = x + v * np.float32(grid[i + 1] - grid[i])
+    return x
 
 
 def test_cfg_matches_the_official_two_pass_loop(env):

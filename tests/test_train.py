@@ -41,6 +41,7 @@ def _config(dataset, **train):
 
 def test_steps_update_lora_only_and_fill_banks(dataset, tmp_path):
     c = _config(dataset, num_steps=4, ckpt_every=2)
+    c.lora.update(rank=4, alpha=12)   # alpha != rank: training scales the LoRA by 3, the export must too
     t = train_lib.Trainer(c, str(tmp_path / "run"))
     base_before = jax.tree.map(np.array, t.state["params"])
     lora_before = jax.tree.map(np.array, t.state["lora"])
@@ -61,6 +62,48 @@ def test_steps_update_lora_only_and_fill_banks(dataset, tmp_path):
         assert key in rows[-1]
     assert all(np.isfinite(r["loss"]) for r in rows) and rows[-1]["grad_norm"] > 0
     assert os.listdir(tmp_path / "run" / "tb")
+    _check_export_is_the_trained_model(t, summary["lora_file"], tmp_path)
+
+
+def _check_export_is_the_trained_model(t, lora_file, tmp_path):
+    """The exported LoRA (alpha != rank) is the trained model: through ``svi_jax.load(base, lora=file)`` and through
+    the official inference merge ``W += 1.0 * B @ A`` done in torch on the ``dit-to-torch`` export of the base (read
+    back by our converter: diffusers hard-codes 512 text tokens, the tiny base has 48)."""
+    from safetensors.torch import load_file, save_file
+
+    import svi_jax
+    from svi_jax.convert.dit import convert, export_official
+    from tests.torch_ref import max_rel_err
+
+    base_dir = t.config.checkpoints.dit
+    cfg = t.module.cfg
+    assert cfg.lora_scale == 3.0
+    r = np.random.RandomState(0)
+    x = r.randn(1, 2, 4, 4, cfg.out_dim).astype(np.float32)
+    y = r.randn(1, 2, 4, 4, cfg.in_dim - cfg.out_dim).astype(np.float32)
+    ctx = r.randn(1, cfg.text_len, cfg.text_dim).astype(np.float32)
+    clip = r.randn(1, 257, cfg.image_dim).astype(np.float32)
+    ts = np.array([431.0], np.float32)
+    trained = np.asarray(t.module.apply({"params": t.state["params"]["dit"], "lora": t.state["lora"]}, x, ts, ctx,
+                                        clip_fea=clip, y=y))
+    base = np.asarray(t.module.apply({"params": t.state["params"]["dit"]}, x, ts, ctx, clip_fea=clip, y=y))
+    assert max_rel_err(base, trained) > 1e-4                        # the LoRA changes the model
+    ours = np.asarray(svi_jax.load(base_dir, lora=lora_file)(x, ts, ctx, clip_fea=clip, y=y))
+    assert max_rel_err(ours, trained) < 1e-5, max_rel_err(ours, trained)
+    off_file = str(tmp_path / "official" / "model.safetensors")
+    export_official(base_dir, off_file)
+    sd = load_file(off_file)
+    lsd = load_file(lora_file)
+    for k in lsd:
+        if ".lora_A." in k:
+            name = k.split(".lora_A.")[0]
+            sd[name + ".weight"] += 1.0 * (lsd[k.replace(".lora_A.", ".lora_B.")] @ lsd[k])
+    save_file(sd, off_file)
+    convert(os.path.dirname(off_file), str(tmp_path / "merged"), show_progress=False)
+    merged = np.asarray(svi_jax.load(str(tmp_path / "merged"))(x, ts, ctx, clip_fea=clip, y=y))
+    err = max_rel_err(merged, trained)
+    print(f"trained LoRA (alpha/rank = 3) vs the official torch merge of its export: max rel err {err:.2e}")
+    assert err < 1e-5
 
 
 def test_banks_survive_save_restore(dataset, tmp_path):
