@@ -82,9 +82,9 @@ def _tiny_train_config():
 
 
 def _random_tree(tree, seed, scale=0.3):
-    leaves, td = jax.tree.flatten(tree)
-    ks = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(td, [scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(ks, leaves)])
+    """Every leaf random (norm scales and biases included), drawn on the host (cheap to build)."""
+    r = np.random.RandomState(seed)
+    return jax.tree.map(lambda x: jnp.asarray(scale * r.randn(*x.shape), x.dtype), tree)
 
 
 def _setup(batch_size=3):
@@ -93,8 +93,8 @@ def _setup(batch_size=3):
 
     c = _tiny_train_config()
     dcfg = DiTConfig.from_dict(c.model.to_dict())
-    params = {"dit": _random_tree(init_params(dcfg, jax.random.key(0)), 1)}
-    state = T.init_state(c, params, jax.random.key(2))
+    params = {"dit": _random_tree(jax.eval_shape(lambda: init_params(dcfg, jax.random.key(0))), 1)}
+    state = jax.jit(lambda p, k: T.init_state(c, p, k))(params, jax.random.key(2))
     state["lora"] = _random_tree(state["lora"], 3)
     r = np.random.RandomState(0)
     batch = {"x0": r.randn(batch_size, 2, 4, 4, 4).astype(np.float32),
@@ -115,20 +115,19 @@ def test_one_train_step_loss_is_the_official_weighted_mse():
     tid = np.asarray(jax.random.randint(k_t, (3,), 0, 1000))
     eps = np.array(jax.random.normal(k_eps, batch["x0"].shape, jnp.float32))
     ref = OfficialFlowMatch().set_timesteps(1000, training=True)
-    x0 = torch.from_numpy(batch["x0"])
-    losses = []
-    for i in range(3):
-        t = ref.timesteps[tid[i]]
-        x_t = ref.add_noise(x0[i:i + 1], torch.from_numpy(eps[i:i + 1]), t).numpy()
-        target = eps[i:i + 1] - batch["x0"][i:i + 1]
-        v = np.asarray(module.apply({"params": state["params"]["dit"], "lora": state["lora"]}, x_t,
-                                    np.array([float(t)], np.float32), batch["context"][i:i + 1],
-                                    clip_fea=batch["clip_fea"][i:i + 1], y=batch["y"][i:i + 1]), np.float64)
-        losses.append(np.mean((v - target) ** 2) * float(ref.training_weight(t)))
+    tids = torch.from_numpy(tid.astype(np.int64))
+    ts = ref.timesteps[tids]
+    x_t = np.concatenate([ref.add_noise(torch.from_numpy(batch["x0"][i:i + 1]), torch.from_numpy(eps[i:i + 1]),
+                                        ts[i]).numpy() for i in range(3)])
+    target = eps - batch["x0"]
+    fwd = jax.jit(lambda x, t: module.apply({"params": state["params"]["dit"], "lora": state["lora"]}, x, t,
+                                            batch["context"], clip_fea=batch["clip_fea"], y=batch["y"]))
+    v = np.asarray(fwd(x_t, ts.numpy()), np.float64)
+    losses = [np.mean((v[i] - target[i]) ** 2) * float(ref.training_weight(ts[i])) for i in range(3)]
     want = float(np.mean(losses))
     print(f"train-step loss {float(metrics['loss']):.6f} vs official weighted MSE {want:.6f} (ids {tid})")
     np.testing.assert_allclose(float(metrics["loss"]), want, rtol=2e-5)
-    np.testing.assert_allclose(float(metrics["t_mean"]), float(ref.timesteps[tid].mean()), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["t_mean"]), float(ts.mean()), rtol=1e-5)
 
 
 def test_training_timestep_ids_are_uniform_over_the_1000():
