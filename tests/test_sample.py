@@ -304,6 +304,24 @@ def test_in_memory_rollout_equals_the_generated_video(env, shot_run):
     np.testing.assert_array_equal(env["shot"].rollout(env["ref"], schedule, seed=0), S.Output(out).read_lossless())
 
 
+def test_stitched_video_is_the_clips_concatenated(env, shot_run):
+    """The stitched video is every clip without its last m frames, then the final clip whole (m = 1 for Shot), with
+    each clip sampled here one by one (not only the frame count: dropping the next clip's first m frames instead
+    gives the same count)."""
+    s, ref = env["shot"], env["ref"]
+    schedule = S.schedule_prompts(env["prompts"], 3, cycle=True)
+    state, clips = s.initial_state(ref), []
+    for k, prompt in enumerate(schedule):
+        y, clip = s.conditioning(state, ref)
+        frames = s.decode(s.sample(prompt, y, clip, S.clip_seed(0, k)))
+        assert frames.shape == (T, H, W, 3)
+        clips.append(frames)
+        state = s.next_state(state, frames, None)
+    assert all(not np.array_equal(a[-1], b[0]) for a, b in zip(clips, clips[1:]))  # the boundaries are visible
+    want = np.concatenate([c[:T - 1] for c in clips[:-1]] + [clips[-1]])
+    np.testing.assert_array_equal(S.Output(shot_run[0]).read_lossless(), want)
+
+
 def test_frame_count_and_outputs(env, shot_run, film, tmp_path):
     out, summary = shot_run
     n = 3 * (T - 1) + 1                                           # every clip but the last gives up 1 frame
