@@ -184,27 +184,33 @@ def test_cli_sigkill_and_resume_is_exact(dataset, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     ref = _losses(ref_dir)
     assert [s for s, _ in ref] == list(range(1, 7))
-    # kill -9 somewhere after a few steps (possibly during an async save), then re-run the same command
-    p = subprocess.Popen(_cli(run_dir, dataset), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         cwd=ROOT)
-    metrics = os.path.join(run_dir, "metrics.jsonl")
-    ckpts = os.path.join(run_dir, "checkpoints")
-
-    def finalized():  # orbax renames a checkpoint to its bare step number only once it is complete
-        return os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts))
-
-    deadline = time.time() + 300
-    while time.time() < deadline and p.poll() is None:
-        if finalized() and os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 3:
-            break
-        time.sleep(0.05)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    # kill -9 mid-run, at a known point: tests/train_pause.py stops the run right after step 4's checkpoint is
+    # complete (of 6 steps), then re-run the same command
+    marker = str(tmp_path / "paused")
+    cmd = _cli(run_dir, dataset)
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "train_pause.py"), "4", marker] + cmd[3:],
+                         env=env, stdout=subprocess.DEVNULL, stderr=open(marker + ".log", "w"), cwd=ROOT)
+    try:
+        deadline = time.time() + 300
+        while not os.path.exists(marker):
+            assert p.poll() is None, open(marker + ".log").read()[-3000:]
+            assert time.time() < deadline, "the run never reached step 4"
+            time.sleep(0.1)
+        assert not os.path.exists(os.path.join(run_dir, "lora.safetensors"))   # stopped mid-run
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
     r = subprocess.run(_cli(run_dir, dataset), env=env, capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "resumed from step" in r.stderr
+    assert "resumed from step 4" in r.stderr
     assert _losses(run_dir) == ref
-    assert os.path.isfile(os.path.join(run_dir, "lora.safetensors"))
+    from safetensors.numpy import load_file
+
+    # the same LoRA file, every tensor bit for bit (the header's metadata order is not deterministic)
+    got, want = (load_file(os.path.join(d, "lora.safetensors")) for d in (run_dir, ref_dir))
+    assert got.keys() == want.keys() and len(got) > 0
+    for k in want:
+        assert got[k].dtype == want[k].dtype and got[k].tobytes() == want[k].tobytes(), k
 
 
 def test_cli_rejects_bad_override(dataset, tmp_path):
