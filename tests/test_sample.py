@@ -384,3 +384,26 @@ def test_kill_mid_clip_then_resume_is_identical(env, shot_run, tmp_path):
     assert open(out, "rb").read() == open(ref_out, "rb").read()    # deterministic encoding: same bytes
     side = json.load(open(os.path.splitext(out)[0] + ".json"))
     assert [c["seed"] for c in side["clips"]] == [0, 42, 84]
+
+
+def test_cli_bad_inputs_fail_with_one_error_line(env, tmp_path):
+    """Missing image, missing LoRA, a non-.mp4 --out: exit code 2 and one ``error:`` line naming the problem."""
+    def cmd(image, out, *extra):
+        return [sys.executable, "-m", "svi_jax.sample", f"--config={env['cfg_path']}", f"--image={image}",
+                "--prompt=a boat", f"--out={out}", "--num_steps=1", "--noprogress", *extra]
+
+    ref = str(env["dir"] / "ref.png")
+    cases = {"missing image": (cmd(str(tmp_path / "nope.png"), str(tmp_path / "a.mp4")), "nope.png"),
+             "missing LoRA": (cmd(ref, str(tmp_path / "b.mp4"), f"--lora={tmp_path / 'no_lora.safetensors'}"),
+                              "no_lora.safetensors"),
+             "non-mp4 out": (cmd(ref, str(tmp_path / "c.avi")), "c.avi")}
+    e = dict(os.environ, JAX_PLATFORMS="cpu")
+    procs = {k: subprocess.Popen(c, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for k, (c, _) in cases.items()}
+    for name, p in procs.items():
+        _, err = p.communicate(timeout=600)
+        err = err.decode()
+        assert p.returncode == 2, (name, err[-2000:])
+        lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+        assert lines[-1].startswith("error: ") and cases[name][1] in lines[-1], (name, err[-2000:])
+        assert "Traceback" not in err, (name, err[-2000:])
