@@ -10,7 +10,6 @@ extra_one_step=True)``; training uses ``set_timesteps(1000, training=True)`` (``
 """
 from __future__ import annotations
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
