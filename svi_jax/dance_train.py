@@ -102,6 +102,19 @@ def suppress_y_error(y_in, y_null):
     return jnp.where(y_null[:, None, None, None, None], 0.0, y_in)
 
 
+def fold_scale(lora_collection: dict, scale: float) -> dict:
+    """The collection with the training scale ``alpha / rank`` folded into every LoRA ``b`` (the file format has no
+    alpha; the official merge is ``W += B @ A`` at strength 1). The pose module is left as it is."""
+    if scale == 1.0:
+        return lora_collection
+    import jax
+    from flax import traverse_util
+
+    flat = traverse_util.flatten_dict(jax.device_get(lora_collection))
+    return traverse_util.unflatten_dict({k: (v * scale if k[-1] == "b" and POSE not in k else v)
+                                         for k, v in flat.items()})
+
+
 def export(lora_collection: dict, path: str) -> str:
     """The trained LoRA + pose module as an SVI-Dance ``.safetensors`` (official names)."""
     from svi_jax.convert.dance import export_file

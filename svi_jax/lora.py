@@ -11,7 +11,9 @@
 * File format (official SVI / PEFT): ``blocks.{i}.self_attn.q.lora_A.default.weight`` ``[r, in]`` and
   ``...lora_B.default.weight`` ``[out, r]``; read with or without a ``pipe.dit.`` / ``diffusion_model.`` prefix and
   with or without ``.default``. No alpha is stored. The official inference merge is ``W <- W + s * B @ A`` with
-  ``s`` the LoRA strength (default 1.0), independent of alpha/rank; with ``r == alpha`` it agrees with training.
+  ``s`` the LoRA strength (default 1.0), independent of alpha/rank; so :func:`save` folds the training scale
+  ``alpha / rank`` into ``B`` (``scale=``): the exported file at strength 1 is exactly the model that was trained,
+  for any alpha and rank (with ``r == alpha`` the scale is 1 and the file holds the raw weights).
 """
 from __future__ import annotations
 
@@ -101,13 +103,18 @@ def _official_module(path: str, layer: int | None) -> str:
     return ".".join(parts)
 
 
-def to_state_dict(lora, prefix: str = "") -> dict[str, np.ndarray]:
-    """Our LoRA tree -> PEFT-named arrays (``lora_A [r, in]``, ``lora_B [out, r]``), float32."""
+def to_state_dict(lora, prefix: str = "", scale: float = 1.0) -> dict[str, np.ndarray]:
+    """Our LoRA tree -> PEFT-named arrays (``lora_A [r, in]``, ``lora_B [out, r]``), float32.
+
+    ``scale`` (the training ``alpha / rank``) is folded into ``lora_B``, so ``W + B @ A`` is the trained model.
+    """
     fl = flatten(lora)
     out = {}
     for path in sorted({k.rsplit("/", 1)[0] for k in fl}):
         a = np.asarray(fl[path + "/a"], np.float32)
         b = np.asarray(fl[path + "/b"], np.float32)
+        if scale != 1.0:
+            b = (b.astype(np.float64) * float(scale)).astype(np.float32)
         layers = range(a.shape[0]) if path.startswith("blocks/") else [None]
         for i in layers:
             name = prefix + _official_module(path, i)
@@ -117,11 +124,11 @@ def to_state_dict(lora, prefix: str = "") -> dict[str, np.ndarray]:
     return out
 
 
-def save(lora, path: str, prefix: str = "") -> str:
-    """Write an SVI-format LoRA ``.safetensors`` (float32)."""
+def save(lora, path: str, prefix: str = "", scale: float = 1.0) -> str:
+    """Write an SVI-format LoRA ``.safetensors`` (float32), ``scale`` (training ``alpha / rank``) folded into B."""
     from safetensors.numpy import save_file
 
-    save_file(to_state_dict(lora, prefix), path, metadata={"format": "pt", "writer": "svi_jax"})
+    save_file(to_state_dict(lora, prefix, scale), path, metadata={"format": "pt", "writer": "svi_jax"})
     return path
 
 

@@ -505,10 +505,11 @@ class Trainer:
 
         lora = distributed.host_copy(self.state["lora"])  # every process takes part in the gather
         if distributed.is_main_process():
+            scale = self.config.lora.alpha / self.config.lora.rank   # the trained x W + s (x A) B, folded into B
             if dance_train.POSE in lora:             # SVI-Dance: LoRA + dwpose_embedding, official names
-                dance_train.export(lora, path)
+                dance_train.export(dance_train.fold_scale(lora, scale), path)
             else:
-                lora_lib.save(lora, path, prefix=self.config.lora.export_prefix)
+                lora_lib.save(lora, path, prefix=self.config.lora.export_prefix, scale=scale)
         return path
 
     def export_dit(self, directory: str | None = None) -> str:

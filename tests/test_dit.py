@@ -289,3 +289,48 @@ def test_cli_converts(t2v_ref, tmp_path):
     r = subprocess.run([sys.executable, os.path.join(root, "convert", "from_torch.py"), "dit", "--src",
                         str(tmp_path / "nothing_here"), "--dst", str(tmp_path / "x")], capture_output=True, text=True)
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_i2v_dit_to_torch_export_loads_in_diffusers(i2v_ref, tmp_path, dtype):
+    """``dit-to-torch`` for I2V (img_emb, k_img/v_img) in fp32 and bf16: the official-layout file, mapped by
+    diffusers' own single-file converter, loads into ``WanTransformer3DModel`` with every key and the same values
+    (bf16: the source rounded to bf16, stored as bf16)."""
+    import torch
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+    from safetensors.torch import load_file
+
+    from svi_jax.convert.dit import export_official
+
+    model, src = i2v_ref
+    convert(src, str(tmp_path / "ours"), dtype=dtype, show_progress=False)
+    export_official(str(tmp_path / "ours"), str(tmp_path / "off" / "model.safetensors"))
+    off = load_file(str(tmp_path / "off" / "model.safetensors"))
+    tdt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    assert {v.dtype for v in off.values()} == {tdt}
+    sd = convert_wan_transformer_to_diffusers(off)
+    ref = {k: v.to(tdt) for k, v in model.state_dict().items()}
+    assert set(sd) == set(ref)
+    for k in ref:
+        assert torch.equal(sd[k].to(tdt), ref[k]), k
+    fresh = type(model).from_config(model.config).to(tdt)
+    fresh.load_state_dict(sd, strict=True)
+    assert any("add_k_proj" in k for k in sd) and any("image_embedder" in k for k in sd)
+
+
+def test_auto_dtype_keeps_bf16_sources(i2v_ref, tmp_path):
+    """``--dtype auto`` (the default): a bf16 source gives a bf16 checkpoint with the source's values exactly."""
+    import torch
+
+    model, _ = i2v_ref
+    half = type(model).from_config(model.config)
+    half.load_state_dict(model.state_dict())
+    half = half.to(torch.bfloat16)
+    half.save_pretrained(str(tmp_path / "bf16"), safe_serialization=True)
+    s = convert(str(tmp_path / "bf16"), str(tmp_path / "ours"), show_progress=False)
+    assert s["config"]["param_dtype"] == "bfloat16"
+    dit = svi_jax.load(str(tmp_path / "ours"))
+    k = flatten(dit.params)["patch_embedding/kernel"]
+    assert str(k.dtype) == "bfloat16"
+    w = half.state_dict()["patch_embedding.weight"].float().numpy()           # [out, in, t, h, w]
+    np.testing.assert_array_equal(np.asarray(k.astype(jnp.float32)), w.transpose(2, 3, 4, 1, 0))

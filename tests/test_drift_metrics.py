@@ -30,6 +30,20 @@ def test_identical_video_has_no_drift():
     assert [(c["start"], c["end"]) for c in res["clips"]] == [(0, 4), (4, 8), (8, 12)]
 
 
+def test_psnr_ssim_at_a_known_noise_level():
+    """Gaussian noise of sd 0.05 on mid-grey-ranged frames: PSNR = 10 log10(1 / MSE) per frame, averaged (about 26 dB),
+    written here; SSIM drops below 1 and falls further with more noise."""
+    video, _ = _scene()
+    video = 0.25 + 0.5 * video                                   # in [0.25, 0.75]: the noise is never clipped
+    r = np.random.RandomState(1)
+    noisy = {sd: np.clip(video + sd * r.randn(*video.shape), 0, 1) for sd in (0.02, 0.05, 0.1)}
+    want = np.mean([10 * np.log10(1.0 / np.mean((noisy[0.05][i] - video[i]) ** 2)) for i in range(len(video))])
+    p, s = drift.psnr_ssim(noisy[0.05], video)
+    assert abs(p - want) < 1e-6 and abs(p - 20 * np.log10(1 / 0.05)) < 0.3, (p, want)
+    ssims = [drift.psnr_ssim(noisy[sd], video)[1] for sd in (0.02, 0.05, 0.1)]
+    assert 0.1 < ssims[2] < ssims[1] < ssims[0] < 0.99 and ssims[1] == s
+
+
 def test_known_color_offset_is_measured():
     video, ref = _scene()
     shifted = video.copy()

@@ -189,6 +189,12 @@ def test_int8_storage_error_bound_and_memory():
     np.testing.assert_allclose(scale, np.abs(errors).reshape(3, -1).max(1) / 127, rtol=1e-6)
     err = np.abs(stored - errors)
     assert np.all(err <= scale[:, None, None, None, None] / 2 * (1 + 1e-5))
+    # the stored int8 values are the rounded errors, and dequantise (computed here) to what decode returns
+    s5 = scale[:, None, None, None, None].astype(np.float32)
+    q = np.asarray(bank.errors[0])
+    assert q.dtype == np.int8 and np.abs(q.astype(np.int32) - np.round(errors / s5)).max() <= 1
+    assert np.mean(q == np.clip(np.round(errors / s5), -127, 127)) > 0.999 and np.abs(q).max() == 127
+    np.testing.assert_array_equal(stored, q.astype(np.float32) * s5)
     # zero errors quantise to exact zeros (scale 0)
     zb = jax.jit(insert)(bank, 1, jnp.zeros(shape))
     assert float(zb.scale[1, 0]) == 0.0 and int(zb.count[1]) == 1

@@ -96,6 +96,23 @@ def test_latent_case(banks):
     np.testing.assert_array_equal(info["latent_injected"], 1.0)
 
 
+def test_latent_error_is_gated_on_the_latent_banks_grid(banks):
+    """docs/erft.md "Where we differ" item 4: the latent error is drawn whenever the latent bank's grid holds an
+    entry, whatever the noise bank holds (the official code gates on the noise bank's grid)."""
+    bs, npat, lpat = banks
+    empty = init_bank(G, 3, SHAPE, jnp.float32)
+    x0, y, eps, t, sigma, gi = batch(6, seed=7)
+    c = cfg(p_latent=1.0)
+    # noise bank empty, latent bank filled: injected here (the official code would not)
+    x_t, _, _, info = _inject(jax.random.key(7), {"noise": empty, "latent": bs["latent"]}, x0, y, eps, t, sigma, c)
+    np.testing.assert_array_equal(info["latent_injected"], 1.0)
+    np.testing.assert_allclose(x_t, (1 - s_(sigma)) * (x0 + lpat[gi]) + s_(sigma) * eps, rtol=1e-5, atol=1e-5)
+    # noise bank filled, latent bank empty: nothing injected (the official code adds zeros: the same x_t)
+    x_t, _, _, info = _inject(jax.random.key(7), {"noise": bs["noise"], "latent": empty}, x0, y, eps, t, sigma, c)
+    np.testing.assert_array_equal(info["latent_injected"], 0.0)
+    np.testing.assert_allclose(x_t, (1 - s_(sigma)) * x0 + s_(sigma) * eps, rtol=1e-6, atol=1e-6)
+
+
 def test_image_case_window_from_pooled_bank():
     """A single stored error in the whole latent bank: y's first n frames of latent channels get a window."""
     single = np.random.default_rng(3).normal(size=SHAPE).astype(np.float32)

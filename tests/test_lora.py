@@ -49,8 +49,20 @@ def test_targets_are_the_official_list():
 def test_peft_kaiming_init():
     params = init_params(CFG, jax.random.key(0))
     lora = L.init_lora(params, jax.random.key(3), rank=8)
-    a = lora["blocks"]["ffn"]["2"]["a"]   # in = ffn_dim 40
-    assert a.shape == (2, 40, 8) and float(jnp.abs(a).max()) <= 1 / np.sqrt(40)
+    a = np.asarray(lora["blocks"]["ffn"]["2"]["a"])   # in = ffn_dim 40
+    # PEFT: nn.init.kaiming_uniform_(lora_A.weight [r, in], a=sqrt(5)): U(-bound, bound) with torch's formula
+    import math
+
+    import torch
+
+    bound = math.sqrt(3.0) * torch.nn.init.calculate_gain("leaky_relu", math.sqrt(5)) / math.sqrt(40)
+    assert a.shape == (2, 40, 8) and abs(bound - 1 / np.sqrt(40)) < 1e-12
+    assert np.abs(a).max() <= bound and np.abs(a).max() > 0.95 * bound          # fills the interval
+    assert abs(a.std() - bound / np.sqrt(3)) < 0.1 * bound / np.sqrt(3) and abs(a.mean()) < 0.1 * bound
+    assert not np.array_equal(a[0], a[1])                                        # each block its own draw
+    q = np.asarray(lora["blocks"]["self_attn"]["q"]["a"])
+    assert q.shape == (2, 24, 8) and np.abs(q).max() > 0.95 / np.sqrt(24)       # bound by each kernel's fan-in
+    assert not np.allclose(q[0, :8], a[0, :8])
     assert float(jnp.abs(lora["blocks"]["ffn"]["2"]["b"]).max()) == 0.0
 
 

@@ -23,7 +23,7 @@ import pytest
 from svi_jax import sample as S
 from svi_jax import video_io
 from svi_jax.conditioning import i2v_mask
-from svi_jax.sampler import integrate, make_sampler, reference_sample, unipc_sigmas
+from svi_jax.sampler import integrate, make_sampler, unipc_sigmas
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T, H, W = 9, 8, 8          # 9 frames -> 3 latent frames of 4x4 (patch 2); Film's 5 motion frames fit
@@ -139,6 +139,23 @@ def test_prompt_schedule_and_seeds():
 
 
 # ------------------------------------------------------------------------------------------------ sampler
+
+
+def reference_sample(forward, noise, num_steps, shift, cfg_scale, context, neg_context, clip_fea, y):
+    """The official loop, written here (not shared with the sampler): Euler + CFG with two separate passes on the
+    grid ``shift(linspace(1, 0, N + 1)[:-1]) ++ [0]``, ``t = 1000 sigma``."""
+    s = np.linspace(1.0, 0.0, num_steps + 1)[:-1]
+    grid = np.concatenate([shift * s / (1 + (shift - 1) * s), [0.0]])
+    x = jnp.asarray(noise, jnp.float32)
+    for i in range(num_steps):
+        t = jnp.full((x.shape[0],), 1000.0 * grid[i], jnp.float32)
+        vc = forward(x, t, context, clip_fea, y)
+        v = vc
+        if cfg_scale != 1.0:
+            vu = forward(x, t, neg_context, clip_fea, y)
+            v = vu + cfg_scale * (vc - vu)
+        x = x + v * np.float32(grid[i + 1] - grid[i])
+    return x
 
 
 def test_cfg_matches_the_official_two_pass_loop(env):
@@ -287,6 +304,24 @@ def test_in_memory_rollout_equals_the_generated_video(env, shot_run):
     np.testing.assert_array_equal(env["shot"].rollout(env["ref"], schedule, seed=0), S.Output(out).read_lossless())
 
 
+def test_stitched_video_is_the_clips_concatenated(env, shot_run):
+    """The stitched video is every clip without its last m frames, then the final clip whole (m = 1 for Shot), with
+    each clip sampled here one by one (not only the frame count: dropping the next clip's first m frames instead
+    gives the same count)."""
+    s, ref = env["shot"], env["ref"]
+    schedule = S.schedule_prompts(env["prompts"], 3, cycle=True)
+    state, clips = s.initial_state(ref), []
+    for k, prompt in enumerate(schedule):
+        y, clip = s.conditioning(state, ref)
+        frames = s.decode(s.sample(prompt, y, clip, S.clip_seed(0, k)))
+        assert frames.shape == (T, H, W, 3)
+        clips.append(frames)
+        state = s.next_state(state, frames, None)
+    assert all(not np.array_equal(a[-1], b[0]) for a, b in zip(clips, clips[1:]))  # the boundaries are visible
+    want = np.concatenate([c[:T - 1] for c in clips[:-1]] + [clips[-1]])
+    np.testing.assert_array_equal(S.Output(shot_run[0]).read_lossless(), want)
+
+
 def test_frame_count_and_outputs(env, shot_run, film, tmp_path):
     out, summary = shot_run
     n = 3 * (T - 1) + 1                                           # every clip but the last gives up 1 frame
@@ -350,3 +385,26 @@ def test_kill_mid_clip_then_resume_is_identical(env, shot_run, tmp_path):
     assert open(out, "rb").read() == open(ref_out, "rb").read()    # deterministic encoding: same bytes
     side = json.load(open(os.path.splitext(out)[0] + ".json"))
     assert [c["seed"] for c in side["clips"]] == [0, 42, 84]
+
+
+def test_cli_bad_inputs_fail_with_one_error_line(env, tmp_path):
+    """Missing image, missing LoRA, a non-.mp4 --out: exit code 2 and one ``error:`` line naming the problem."""
+    def cmd(image, out, *extra):
+        return [sys.executable, "-m", "svi_jax.sample", f"--config={env['cfg_path']}", f"--image={image}",
+                "--prompt=a boat", f"--out={out}", "--num_steps=1", "--noprogress", *extra]
+
+    ref = str(env["dir"] / "ref.png")
+    cases = {"missing image": (cmd(str(tmp_path / "nope.png"), str(tmp_path / "a.mp4")), "nope.png"),
+             "missing LoRA": (cmd(ref, str(tmp_path / "b.mp4"), f"--lora={tmp_path / 'no_lora.safetensors'}"),
+                              "no_lora.safetensors"),
+             "non-mp4 out": (cmd(ref, str(tmp_path / "c.avi")), "c.avi")}
+    e = dict(os.environ, JAX_PLATFORMS="cpu")
+    procs = {k: subprocess.Popen(c, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for k, (c, _) in cases.items()}
+    for name, p in procs.items():
+        _, err = p.communicate(timeout=600)
+        err = err.decode()
+        assert p.returncode == 2, (name, err[-2000:])
+        lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+        assert lines[-1].startswith("error: ") and cases[name][1] in lines[-1], (name, err[-2000:])
+        assert "Traceback" not in err, (name, err[-2000:])

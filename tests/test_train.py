@@ -41,6 +41,7 @@ def _config(dataset, **train):
 
 def test_steps_update_lora_only_and_fill_banks(dataset, tmp_path):
     c = _config(dataset, num_steps=4, ckpt_every=2)
+    c.lora.update(rank=4, alpha=12)   # alpha != rank: training scales the LoRA by 3, the export must too
     t = train_lib.Trainer(c, str(tmp_path / "run"))
     base_before = jax.tree.map(np.array, t.state["params"])
     lora_before = jax.tree.map(np.array, t.state["lora"])
@@ -61,6 +62,48 @@ def test_steps_update_lora_only_and_fill_banks(dataset, tmp_path):
         assert key in rows[-1]
     assert all(np.isfinite(r["loss"]) for r in rows) and rows[-1]["grad_norm"] > 0
     assert os.listdir(tmp_path / "run" / "tb")
+    _check_export_is_the_trained_model(t, summary["lora_file"], tmp_path)
+
+
+def _check_export_is_the_trained_model(t, lora_file, tmp_path):
+    """The exported LoRA (alpha != rank) is the trained model: through ``svi_jax.load(base, lora=file)`` and through
+    the official inference merge ``W += 1.0 * B @ A`` done in torch on the ``dit-to-torch`` export of the base (read
+    back by our converter: diffusers hard-codes 512 text tokens, the tiny base has 48)."""
+    from safetensors.torch import load_file, save_file
+
+    import svi_jax
+    from svi_jax.convert.dit import convert, export_official
+    from tests.torch_ref import max_rel_err
+
+    base_dir = t.config.checkpoints.dit
+    cfg = t.module.cfg
+    assert cfg.lora_scale == 3.0
+    r = np.random.RandomState(0)
+    x = r.randn(1, 2, 4, 4, cfg.out_dim).astype(np.float32)
+    y = r.randn(1, 2, 4, 4, cfg.in_dim - cfg.out_dim).astype(np.float32)
+    ctx = r.randn(1, cfg.text_len, cfg.text_dim).astype(np.float32)
+    clip = r.randn(1, 257, cfg.image_dim).astype(np.float32)
+    ts = np.array([431.0], np.float32)
+    trained = np.asarray(t.module.apply({"params": t.state["params"]["dit"], "lora": t.state["lora"]}, x, ts, ctx,
+                                        clip_fea=clip, y=y))
+    base = np.asarray(t.module.apply({"params": t.state["params"]["dit"]}, x, ts, ctx, clip_fea=clip, y=y))
+    assert max_rel_err(base, trained) > 1e-4                        # the LoRA changes the model
+    ours = np.asarray(svi_jax.load(base_dir, lora=lora_file)(x, ts, ctx, clip_fea=clip, y=y))
+    assert max_rel_err(ours, trained) < 1e-5, max_rel_err(ours, trained)
+    off_file = str(tmp_path / "official" / "model.safetensors")
+    export_official(base_dir, off_file)
+    sd = load_file(off_file)
+    lsd = load_file(lora_file)
+    for k in lsd:
+        if ".lora_A." in k:
+            name = k.split(".lora_A.")[0]
+            sd[name + ".weight"] += 1.0 * (lsd[k.replace(".lora_A.", ".lora_B.")] @ lsd[k])
+    save_file(sd, off_file)
+    convert(os.path.dirname(off_file), str(tmp_path / "merged"), show_progress=False)
+    merged = np.asarray(svi_jax.load(str(tmp_path / "merged"))(x, ts, ctx, clip_fea=clip, y=y))
+    err = max_rel_err(merged, trained)
+    print(f"trained LoRA (alpha/rank = 3) vs the official torch merge of its export: max rel err {err:.2e}")
+    assert err < 1e-5
 
 
 def test_banks_survive_save_restore(dataset, tmp_path):
@@ -141,27 +184,33 @@ def test_cli_sigkill_and_resume_is_exact(dataset, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     ref = _losses(ref_dir)
     assert [s for s, _ in ref] == list(range(1, 7))
-    # kill -9 somewhere after a few steps (possibly during an async save), then re-run the same command
-    p = subprocess.Popen(_cli(run_dir, dataset), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         cwd=ROOT)
-    metrics = os.path.join(run_dir, "metrics.jsonl")
-    ckpts = os.path.join(run_dir, "checkpoints")
-
-    def finalized():  # orbax renames a checkpoint to its bare step number only once it is complete
-        return os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts))
-
-    deadline = time.time() + 300
-    while time.time() < deadline and p.poll() is None:
-        if finalized() and os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 3:
-            break
-        time.sleep(0.05)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    # kill -9 mid-run, at a known point: tests/train_pause.py stops the run right after step 4's checkpoint is
+    # complete (of 6 steps), then re-run the same command
+    marker = str(tmp_path / "paused")
+    cmd = _cli(run_dir, dataset)
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "train_pause.py"), "4", marker] + cmd[3:],
+                         env=env, stdout=subprocess.DEVNULL, stderr=open(marker + ".log", "w"), cwd=ROOT)
+    try:
+        deadline = time.time() + 300
+        while not os.path.exists(marker):
+            assert p.poll() is None, open(marker + ".log").read()[-3000:]
+            assert time.time() < deadline, "the run never reached step 4"
+            time.sleep(0.1)
+        assert not os.path.exists(os.path.join(run_dir, "lora.safetensors"))   # stopped mid-run
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
     r = subprocess.run(_cli(run_dir, dataset), env=env, capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "resumed from step" in r.stderr
+    assert "resumed from step 4" in r.stderr
     assert _losses(run_dir) == ref
-    assert os.path.isfile(os.path.join(run_dir, "lora.safetensors"))
+    from safetensors.numpy import load_file
+
+    # the same LoRA file, every tensor bit for bit (the header's metadata order is not deterministic)
+    got, want = (load_file(os.path.join(d, "lora.safetensors")) for d in (run_dir, ref_dir))
+    assert got.keys() == want.keys() and len(got) > 0
+    for k in want:
+        assert got[k].dtype == want[k].dtype and got[k].tobytes() == want[k].tobytes(), k
 
 
 def test_cli_rejects_bad_override(dataset, tmp_path):
