@@ -26,7 +26,7 @@ def get_config():
     c.checkpoints.dit = os.path.join(TINY_BASE, "dit")
     c.data.update(num_frames=17, height=32, width=48, batch_size=1, num_workers=2, prefetch=2, synthetic=12)
     c.lora.update(rank=8, alpha=8)
-    c.erft.update(capacity=8, warmup_steps=5)
+    c.erft.update(capacity=8, warmup_steps=5, shift=1.0)    # the shift the base was trained at (configs/drift.py)
     c.optim.lr = 1e-3
     c.train.update(num_steps=60, ckpt_every=20, keep=2)
     return c
