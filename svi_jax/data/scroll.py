@@ -15,9 +15,7 @@ with every clip's parameters.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import os
 from typing import Optional, Sequence
 
@@ -137,6 +135,7 @@ def write_dataset(out: str, num_videos: int, num_frames: int, height: int, width
     """Write ``num_videos`` scrolling clips in the official layout; returns their :class:`ScrollSpec`."""
     from tqdm import tqdm
 
+    from svi_jax.data.synthetic import write_index
     from svi_jax.data.video import write_video
 
     if height % 2 or width % 2:
@@ -149,12 +148,6 @@ def write_dataset(out: str, num_videos: int, num_frames: int, height: int, width
         os.makedirs(os.path.dirname(path), exist_ok=True)
         write_video(path, frames, fps=fps, crf=crf, pix_fmt="yuv444p")
         rows.setdefault(spec.direction, []).append((os.path.basename(spec.file), spec.caption))
-    for category, items in rows.items():
-        with open(os.path.join(out, category, f"{category}.csv"), "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(["Filename", "Video Description"])
-            w.writerows(items)
-    with open(os.path.join(out, "scroll.json"), "w") as f:
-        json.dump({"num_frames": num_frames, "height": height, "width": width, "fps": fps, "seed": seed,
-                   "clips": [dataclasses.asdict(s) for s in specs]}, f, indent=1)
+    write_index(out, rows, "scroll.json", {"num_frames": num_frames, "height": height, "width": width, "fps": fps,
+                                           "seed": seed}, specs)
     return specs

@@ -324,12 +324,18 @@ def write_dataset(out: str, num_videos: int = 16, num_frames: int = 33, height: 
         os.makedirs(os.path.dirname(path), exist_ok=True)
         write_video(path, frames, fps=fps, crf=crf)
         rows.setdefault(spec.motion, []).append((os.path.basename(spec.file), spec.caption))
-    for motion, items in rows.items():
-        with open(os.path.join(out, motion, f"{motion}.csv"), "w", newline="", encoding="utf-8") as f:
+    write_index(out, rows, "synthetic.json", {"num_frames": num_frames, "height": height, "width": width, "fps": fps,
+                                              "seed": seed}, specs)
+    return specs
+
+
+def write_index(out: str, rows: dict, name: str, meta: dict, specs) -> None:
+    """The official layout's ``<category>/<category>.csv`` (``Filename, Video Description``) for ``rows`` =
+    {category: [(file, caption)]}, and ``out/name`` with ``meta`` and every clip's parameters."""
+    for category, items in rows.items():
+        with open(os.path.join(out, category, f"{category}.csv"), "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(["Filename", "Video Description"])
             w.writerows(items)
-    with open(os.path.join(out, "synthetic.json"), "w") as f:
-        json.dump({"num_frames": num_frames, "height": height, "width": width, "fps": fps, "seed": seed,
-                   "clips": [dataclasses.asdict(s) for s in specs]}, f, indent=1)
-    return specs
+    with open(os.path.join(out, name), "w") as f:
+        json.dump({**meta, "clips": [dataclasses.asdict(s) for s in specs]}, f, indent=1)
