@@ -184,7 +184,7 @@ class TalkSampler(LongVideoSampler):
         y, clip_fea = super().conditioning(state, reference_u8)
         return y, (clip_fea, self.clip_audio(state.clip))
 
-    def _sample_args(self, prompt: str, y, cond, seed: int):
+    def _sample_args(self, prompt: str, y, cond, seed: int, clip: int = 0):   # clip: for condition streams
         clip_fea, audio = cond
         null = tuple(jnp.zeros_like(a) for a in audio)
         return (self.params, self.noise(y, seed), self.encode_text(prompt), self.encode_text(self.negative_prompt),
