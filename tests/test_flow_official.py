@@ -76,6 +76,7 @@ def _tiny_train_config():
     c.model.update(dim=16, num_layers=1, num_heads=2, ffn_dim=32, freq_dim=16, text_dim=8, text_len=4, image_dim=8,
                    in_dim=4 + 4 + 4, out_dim=4)
     c.erft.enabled = False
+    c.erft.shift = 5.0          # the official scheduler's shift (the tiny config trains at 1)
     c.lora.update(rank=2, alpha=2)
     return c
 
