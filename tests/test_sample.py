@@ -39,6 +39,7 @@ def get_config():
     c.model.update(dim=32, num_layers=1, num_heads=2, ffn_dim=64, freq_dim=32, text_len=16, in_dim=2 * 48 + 4,
                    out_dim=48)
     c.encoders.vae = ml_collections.ConfigDict(dict(kind="patch", spatial=2, temporal=4, scale=0.5))
+    c.erft.shift = 5.0          # the official sampling shift (the tiny config's base uses 1); the CLI defaults to it
     c.encoders.t5.update(text_len=16, num_layers=1)
     c.encoders.clip.update(num_layers=1)
     c.data.update(num_frames={T}, height={H}, width={W})
