@@ -15,6 +15,7 @@ def get_config():
     c = tiny.get_config()
     c.name = "dance_tiny"
     c.checkpoints.dit = ""                  # random base (the shipped tiny base has no 8x8 patch layout)
+    c.erft.shift = 5.0                      # the official shift (the shipped tiny base's 1 is for its own model)
     z = 4 * 8 * 8 * 3
     c.model.update(dim=32, num_layers=1, num_heads=2, ffn_dim=64, freq_dim=32, text_len=16, in_dim=2 * z + 4,
                    out_dim=z)
