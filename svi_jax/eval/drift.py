@@ -195,9 +195,10 @@ def main(argv=None) -> int:
     clip_frames = clip_frames or 80
     video = read_video(a.video)
     truth = read_video(a.ground_truth) if a.ground_truth else None
-    reference, resized = match_size(read_image(a.reference), video.shape[1:3])
+    original = read_image(a.reference)
+    reference, resized = match_size(original, video.shape[1:3])
     if resized:
-        print(f"note: the reference ({read_image(a.reference).shape[1]}x{read_image(a.reference).shape[0]}) was "
+        print(f"note: the reference ({original.shape[1]}x{original.shape[0]}) was "
               f"resized to the video's frame size ({video.shape[2]}x{video.shape[1]}) before comparing")
     res = per_clip(video, reference, clip_frames, truth, first)
     os.makedirs(a.out, exist_ok=True)
