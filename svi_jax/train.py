@@ -87,16 +87,21 @@ def latent_shape(config) -> tuple[int, int, int, int]:
 # ------------------------------------------------------------------------------------------------ the step
 
 
+def learning_rate(config):
+    """``optim.lr``, or with ``optim.schedule='cosine'`` a decay from it to 0 over ``train.num_steps``."""
+    o = config.optim
+    schedule = o.get("schedule", "constant")
+    if schedule == "cosine":  # e.g. to finish pre-training a base
+        return optax.cosine_decay_schedule(o.lr, max(1, int(config.train.num_steps)))
+    if schedule != "constant":
+        raise ConfigError(f"config.optim.schedule must be 'constant' or 'cosine', got {schedule!r}")
+    return o.lr
+
+
 def make_optimizer(config) -> optax.GradientTransformation:
     o = config.optim
-    lr = o.lr
-    schedule = o.get("schedule", "constant")
-    if schedule == "cosine":  # from lr to 0 over the run's steps (e.g. to finish pre-training a base)
-        lr = optax.cosine_decay_schedule(o.lr, max(1, int(config.train.num_steps)))
-    elif schedule != "constant":
-        raise ConfigError(f"config.optim.schedule must be 'constant' or 'cosine', got {schedule!r}")
     return optax.chain(optax.clip_by_global_norm(o.grad_clip),
-                       optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
+                       optax.adamw(learning_rate(config), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
 
 
 def is_full(config) -> bool:
@@ -455,7 +460,9 @@ class Trainer:
             nonfinite_run = self.nonfinite_run = int(m.pop("nonfinite_run"))
             self.guard.on_metrics(self.ckpt, step, nonfinite_run == 0)
             now = time.time()
-            m.update(step=step, lr=float(self.config.optim.lr), steps_per_s=1.0 / max(now - last["t"], 1e-9))
+            lr = learning_rate(self.config)   # the rate this step's update used
+            lr = float(lr(step - 1) if callable(lr) else lr)
+            m.update(step=step, lr=lr, steps_per_s=1.0 / max(now - last["t"], 1e-9))
             last["t"] = now
             self._log(m)
             bar.update(1)
