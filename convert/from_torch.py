@@ -3,6 +3,7 @@
 
 Usage:
   python convert/from_torch.py dit  --src PATH --dst DIR [--dtype bfloat16]
+  python convert/from_torch.py wan22 --src Wan2.2-I2V-A14B --dst DIR   (both experts: DIR/high, DIR/low)
   python convert/from_torch.py vae  --src Wan2.1_VAE.pth --dst DIR
   python convert/from_torch.py t5   --src models_t5_umt5-xxl-enc-bf16.pth --dst DIR [--tokenizer DIR]
   python convert/from_torch.py clip --src models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth --dst DIR
@@ -28,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # kind -> module in svi_jax.convert providing add_arguments(parser) and run(args)
 KINDS = {
     "dit": ("svi_jax.convert.dit", "Wan2.1 DiT (official or diffusers layout)"),
+    "wan22": ("svi_jax.convert.wan22", "Wan2.2-A14B: both experts (official or diffusers folder) -> DiTExperts"),
     "dit-to-torch": ("svi_jax.convert.dit_export", "our DiT checkpoint -> official Wan safetensors"),
     "vae": ("svi_jax.convert.vae", "Wan2.1 VAE (Wan2.1_VAE.pth or diffusers AutoencoderKLWan)"),
     "t5": ("svi_jax.convert.t5", "UMT5-XXL encoder (official .pth or transformers UMT5EncoderModel)"),

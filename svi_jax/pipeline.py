@@ -194,6 +194,10 @@ def make_conditioner(config, workdir: str | None = None):
     """Encoders from ``config.checkpoints`` or a seeded random init of ``config.encoders`` (tiny configs)."""
     if config.data.get("cache", ""):
         return LatentConditioner(config)
+    if config.get("pro", None) is not None:     # SVI 2.0 Pro on Wan2.2: VAE + UMT5, the Pro y (svi_jax.pro_train)
+        from svi_jax.pro_train import make_conditioner as pro_conditioner
+
+        return pro_conditioner(config)
     codec = Codec.from_config(config)
     t5_cfg, t5_params, tok = make_text_encoder(config)
     clip_cfg = clip_params = None

@@ -331,7 +331,7 @@ def analytic_flops(dit_cfg, latent_fhw, batch: int, text_len: int, remat: bool, 
     F = flops_per_forward(dit_cfg, (f, h, w), batch=batch, text_len=text_len)
     pt, ph, pw = dit_cfg.patch_size
     n = (f // pt) * (h // ph) * (w // pw)
-    ctx = text_len + (257 if dit_cfg.is_i2v else 0)
+    ctx = text_len + (257 if dit_cfg.uses_clip else 0)
     A = 2.0 * batch * dit_cfg.num_layers * (2 * n * n * dit_cfg.dim + 2 * n * ctx * dit_cfg.dim)
     lora = 6.0 * batch * n * lora_params  # approx.: every LoRA target sees the video tokens (cross k/v see text)
     step = F + (F if remat else 0.0) + (F - A) + 2.5 * A + lora

@@ -594,7 +594,8 @@ def generate(sampler: LongVideoSampler, reference_u8: np.ndarray, prompts: Seque
     def sidecar(done: int) -> dict:
         return {"video": o.out, "fps": fps, "num_clips": done, "num_frames": sampler.T, "motion_frames": sampler.m,
                 "new_frames_per_clip": sampler.new_frames_per_clip,
-                "first_clip_frames": sampler.new_frames_per_clip, "total_frames": sampler.total_frames(done),
+                "first_clip_frames": getattr(sampler, "first_clip_frames", sampler.new_frames_per_clip),
+                "total_frames": sampler.total_frames(done),
                 "height": sampler.H, "width": sampler.W, "settings": settings, "compile_s": meta.get("compile_s"),
                 "attention": _resolved_attention(sampler), "clips": records[:done]}
 
@@ -749,6 +750,11 @@ def main(argv) -> int:
                                                     else lora_file)}
         if talk is not None:
             sampler = talk.sampler(bar, shift=shift)
+        elif FLAGS.chain == "pro":                     # SVI 2.0 Pro on Wan2.2-A14B: two experts, a LoRA pair
+            from svi_jax import pro
+
+            sampler, pro_inputs = pro.cli_sampler(config, FLAGS, shift=shift, cfg_scale=cfg_scale, on_step=bar)
+            inputs.update(pro_inputs)
         else:
             sampler = LongVideoSampler(config, lora=FLAGS.lora, lora_scale=FLAGS.lora_scale,
                                        num_steps=FLAGS.num_steps, shift=shift, cfg_scale=cfg_scale,
@@ -824,9 +830,17 @@ def _define_flags():
                        "was trained at: 5 for Wan/SVI, 1 for the tiny configs).")
     flags.DEFINE_enum("solver", "euler", ["euler", "unipc"], "euler: the official DiffSynth sampler; unipc: Wan's "
                       "UniPC multistep (order 2) solver.")
-    flags.DEFINE_enum("chain", "pixel", ["pixel", "latent"], "pixel: the official chaining (decode, re-encode the "
-                      "last frames); latent: carry the last latent frame(s) forward (SVI 2.0 Pro idea, see "
-                      "docs/sampling.md).")
+    flags.DEFINE_enum("chain", "pixel", ["pixel", "latent", "pro"], "pixel: the official chaining (decode, "
+                      "re-encode the last frames); latent: carry the last latent frame(s) forward into the Wan2.1 "
+                      "conditioning (see docs/sampling.md); pro: SVI 2.0 Pro on Wan2.2-A14B (two experts, y = "
+                      "[anchor latent, previous clip's last latent, zeros], see docs/wan22.md).")
+    flags.DEFINE_string("lora_high", None, "--chain pro: the high-noise expert's LoRA, PATH[:STRENGTH] (default "
+                        "strength 1).")
+    flags.DEFINE_string("lora_low", None, "--chain pro: the low-noise expert's LoRA, PATH[:STRENGTH].")
+    flags.DEFINE_float("boundary", None, "--chain pro: the high-noise expert runs while t >= boundary * 1000 "
+                       "(default config.pro.boundary: SVI Pro's 0.875; Wan2.2's own I2V: 0.9).")
+    flags.DEFINE_integer("overlap", None, "--chain pro: frames dropped from the start of each later clip (default "
+                         "config.pro.overlap: 4 as the official script; its README's command uses 5).")
     flags.DEFINE_integer("motion_frames", None, "Frames carried to the next clip (default: "
                          "config.data.num_motion_frames; 1 Shot, 5 Film).")
     flags.DEFINE_enum("pad", None, ["ref", "zero"], "Conditioning padding (default: config.data.pad_mode): ref = "

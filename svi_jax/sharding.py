@@ -598,7 +598,8 @@ def _curate_gathered(key, banks, t, sigma, v_pred, target, clean, step, cfg, axi
 
     B = v_pred.shape[0]
     e_n, e_x = erft.errors_from_prediction(v_pred, target, sigma)
-    grid = erft.grid_of(t, int(_cfg(cfg, "num_grids")), float(_cfg(cfg, "shift")))
+    grid = erft.grid_of(t, int(_cfg(cfg, "num_grids")), float(_cfg(cfg, "shift")), int(_cfg(cfg, "grid_offset")),
+                        int(_cfg(cfg, "grid_steps")))
     gate = ~(jnp.asarray(clean) > 0.5) | (jax.random.uniform(key, (B,)) < _cfg(cfg, "p_insert_clean"))
     mode = _cfg(cfg, "warmup_gate")
     if mode not in ("receiver", "source"):

@@ -134,6 +134,9 @@ def make_train_step(config, prepare: Callable[[Any, dict, jax.Array], dict]):
     sig_tab = jnp.asarray(flow.sigmas(flow.NUM_TRAIN_TIMESTEPS, shift))
     t_tab = jnp.asarray(flow.timesteps(flow.NUM_TRAIN_TIMESTEPS, shift))
     w_tab = jnp.asarray(flow.training_weights(shift))
+    from svi_jax.pro_train import timestep_id_range   # (0, 1000), or one Wan2.2 expert's side (config.pro)
+
+    tid_lo, tid_hi = timestep_id_range(config, shift)
     use_erft = bool(config.erft.enabled)
     full = is_full(config)
     cap = int(config.erft.capacity)
@@ -151,7 +154,7 @@ def make_train_step(config, prepare: Callable[[Any, dict, jax.Array], dict]):
 
             audio = drop_audio(jax.random.fold_in(k_prep, 1), audio, p_drop_audio)
         b = x0.shape[0]
-        tid = jax.random.randint(k_t, (b,), 0, flow.NUM_TRAIN_TIMESTEPS)
+        tid = jax.random.randint(k_t, (b,), tid_lo, tid_hi)
         sigma, t, w = sig_tab[tid], t_tab[tid], w_tab[tid]
         eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
         if use_erft:  # svi_jax.sharding.inject/curate: erft.inject/curate for one bank or per-replica banks
@@ -264,6 +267,10 @@ def with_saved(state: dict, saved: dict) -> dict:
 
 def load_frozen_params(config, key) -> dict:
     """The frozen DiT (converted checkpoint at ``config.checkpoints.dit``, or a seeded random init)."""
+    if config.get("pro", None) is not None:   # SVI 2.0 Pro: the trained expert of the Wan2.2 pair
+        from svi_jax.pro import load_experts
+
+        return load_experts(config, key, (config.pro.expert,))[config.pro.expert]
     cfg = DiTConfig.from_dict(config.model.to_dict())
     path = config.checkpoints.get("dit", "")
     if path:

@@ -104,7 +104,9 @@ def infer_config(view: _OfficialView, cfg_json: dict | None, num_heads: int | No
     out = view.shape("head.head.weight")[0]
     if out % math.prod(patch):
         raise ConversionError(f"head.head.weight {view.shape('head.head.weight')} is not a multiple of patch {patch}")
-    i2v = view.has("img_emb.proj.1.weight")
+    clip = view.has("img_emb.proj.1.weight")
+    # I2V: Wan2.1 has the CLIP branch; Wan2.2-A14B I2V has none and is told by its y channels (in_dim > out_dim)
+    i2v = clip or int(in_dim) > out // math.prod(patch)
     out_cfg = dict(
         model_type="i2v" if i2v else "t2v",
         dim=int(dim), num_layers=int(layers), num_heads=int(heads),
@@ -116,7 +118,8 @@ def infer_config(view: _OfficialView, cfg_json: dict | None, num_heads: int | No
         eps=float(cfg_json.get("eps", 1e-6)),
         qk_norm=view.has("blocks.0.self_attn.norm_q.weight"),
         cross_attn_norm=view.has("blocks.0.norm3.weight"),
-        image_dim=int(view.shape("img_emb.proj.1.weight")[1]) if i2v else 1280,
+        image_dim=int(view.shape("img_emb.proj.1.weight")[1]) if clip else 1280,
+        image_embedding=bool(clip or not i2v),
     )
     if view.has("audio_proj.proj1.weight"):
         from svi_jax.convert.multitalk import infer_audio_config

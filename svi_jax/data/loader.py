@@ -280,6 +280,14 @@ class ClipLoader(BatchIterator):
             with self._lock:
                 self.stats["short_decodes"] += 1
         example = sampling.assemble(frames, plan, _text(rec["caption"]))
+        if plan.anchor >= 0:   # SVI 2.0 Pro: the anchor frame from outside the clip, same crop and size
+            kw_a = dict(kw, start=plan.anchor, count=1, stride=1)
+            a = decode_bytes(data, suffix=ext, seek=cfg.seek, **kw_a)
+            if a.shape[0] < 1:
+                a = decode_bytes(data, suffix=ext, seek=False, **kw_a)
+            if a.shape[0] < 1:
+                raise VideoError(f"the anchor frame {plan.anchor} did not decode")
+            example["anchor"] = sampling.to_float(a[:1])[0]
         pose = rec.get("pose", b"")
         pose = pose.item() if isinstance(pose, np.ndarray) else pose
         if pose:        # SVI-Dance: the skeleton frames of the same window, crop and size (0..255 float32)

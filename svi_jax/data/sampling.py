@@ -20,6 +20,7 @@ class ClipPlan:
     crop: tuple  # (x, y, w, h) in source pixels
     num_cond: int  # condition frames at the start of `cond`
     pad_frame: int  # window position copied into the padding ('ref'); -1 for zero padding
+    anchor: int = -1  # SVI 2.0 Pro (data.anchor='outside'): a source frame outside the window; -1: none
 
     def source_indices(self) -> np.ndarray:
         """Source frame index of each of the T window positions."""
@@ -79,8 +80,22 @@ def plan_clip(total: int, src_h: int, src_w: int, cfg, rng: np.random.Generator)
     if cfg.num_motion_frames > 1 and rng.random() < cfg.p_motion:
         num_cond = cfg.num_motion_frames
     ref = cfg.pad_mode == "ref" or (cfg.pad_mode == "mix" and rng.random() < 0.5)  # 'mix': a coin per clip
+    anchor = -1
+    if cfg.get("anchor", "") == "outside":      # drawn last: every other choice is as without it
+        anchor = outside_frame(total, start, stride, num_real, rng)
     return ClipPlan(start=start, stride=stride, num_real=num_real, num_frames=cfg.num_frames, crop=crop,
-                    num_cond=num_cond, pad_frame=pad if ref else -1)
+                    num_cond=num_cond, pad_frame=pad if ref else -1, anchor=anchor)
+
+
+def outside_frame(total: int, start: int, stride: int, num_real: int, rng: np.random.Generator) -> int:
+    """A source frame uniformly drawn from outside the window's span ``[start, start + stride (num_real - 1)]``
+    (SVI 2.0 Pro's anchor); a video with no frame outside it gives one of the window's own frames."""
+    last = start + stride * (num_real - 1)
+    outside = start + max(0, total - 1 - last)
+    if outside == 0:
+        return start + stride * _randint(rng, 0, num_real - 1)
+    r = _randint(rng, 0, outside - 1)
+    return r if r < start else last + 1 + (r - start)
 
 
 def to_float(frames: np.ndarray) -> np.ndarray:

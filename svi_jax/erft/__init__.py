@@ -5,6 +5,7 @@ from svi_jax.erft.banks import (  # noqa: F401
     decode,
     encode,
     grid_of,
+    grid_timesteps,
     init_bank,
     insert,
     insert_many,

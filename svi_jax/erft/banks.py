@@ -83,9 +83,23 @@ def bank_nbytes(num_grids: int, capacity: int, shape: Sequence[int], dtype=jnp.b
     return n * np.dtype(dtype).itemsize + 4 * num_grids
 
 
-def grid_of(t, num_grids: int = 50, shift: float = flow.DEFAULT_SHIFT):
-    """Grid index (int32, same shape as ``t``) of the nearest of the ``num_grids`` inference timesteps."""
-    grid_t = jnp.asarray(flow.timesteps(num_grids, shift))  # descending, [G]
+def grid_timesteps(num_grids: int = 50, shift: float = flow.DEFAULT_SHIFT, offset: int = 0,
+                   steps: int = 0) -> np.ndarray:
+    """The grids' timesteps (descending): the ``num_grids`` inference timesteps, or -- with ``steps`` > 0 -- the
+    slice ``[offset, offset + num_grids)`` of the ``steps``-step inference grid (one Wan2.2 expert's side of the
+    boundary, :mod:`svi_jax.pro`)."""
+    if not steps:
+        if offset:
+            raise ValueError("grid offset needs the full grid's step count (erft.grid_steps)")
+        return flow.timesteps(num_grids, shift)
+    if offset < 0 or offset + num_grids > steps:
+        raise ValueError(f"grids [{offset}, {offset + num_grids}) are not inside a {steps}-step grid")
+    return flow.timesteps(steps, shift)[offset:offset + num_grids]
+
+
+def grid_of(t, num_grids: int = 50, shift: float = flow.DEFAULT_SHIFT, offset: int = 0, steps: int = 0):
+    """Grid index (int32, same shape as ``t``) of the nearest of the grids' timesteps (:func:`grid_timesteps`)."""
+    grid_t = jnp.asarray(grid_timesteps(num_grids, shift, offset, steps))  # descending, [G]
     t = jnp.clip(jnp.asarray(t, jnp.float32), 0.0, 999.0)
     return jnp.argmin(jnp.abs(grid_t - t[..., None]), axis=-1).astype(jnp.int32)
 

@@ -61,6 +61,12 @@ DEFAULTS = dict(
     p_insert_clean=0.1,
     warmup_steps=50,
     warmup_gate="receiver",
+    # the grids as a slice [grid_offset, grid_offset + num_grids) of a grid_steps-step inference grid (0 = the
+    # num_grids-step grid itself); a Wan2.2 expert's banks hold its side of the boundary only (svi_jax.pro)
+    grid_offset=0,
+    grid_steps=0,
+    # the image error goes to y's latent frames [y_error_start, y_error_start + y_error_num) (official: 0)
+    y_error_start=0,
 )
 
 
@@ -114,14 +120,16 @@ def inject(key, banks: Mapping[str, Bank], x0, y, eps, t, sigma, cfg):
         C = x0.shape[-1]
         if y.shape[0] != B or y.shape[2:4] != x0.shape[2:4] or y.shape[-1] != MASK_CHANNELS + C:
             raise ValueError(f"y must be [B, F', H, W, {MASK_CHANNELS} + {C}] for x0 {x0.shape}, got {y.shape}")
-        if not 1 <= n <= min(x0.shape[1], y.shape[1]):
-            raise ValueError(f"y_error_num={n} must be in 1..{min(x0.shape[1], y.shape[1])}")
+        y0 = int(_get(cfg, "y_error_start"))
+        if not 1 <= n <= min(x0.shape[1], y.shape[1]) or not 0 <= y0 <= y.shape[1] - n:
+            raise ValueError(f"y_error_num={n} must be in 1..{min(x0.shape[1], y.shape[1])} and y_error_start="
+                             f"{y0} in 0..{y.shape[1] - n}")
 
     num_grids, shift = int(_get(cfg, "num_grids")), float(_get(cfg, "shift"))
     if banks["noise"].num_grids != num_grids or banks["latent"].num_grids != num_grids:
         raise ValueError(f"cfg.num_grids={num_grids} but the banks have {banks['noise'].num_grids} and "
                          f"{banks['latent'].num_grids} grids")
-    grid = grid_of(t, num_grids, shift)
+    grid = grid_of(t, num_grids, shift, int(_get(cfg, "grid_offset")), int(_get(cfg, "grid_steps")))
     k_u, k_n, k_l, k_i, k_w, k_m = jax.random.split(key, 6)
     u = jax.random.uniform(k_u, (4, B))
     clean = u[3] < _get(cfg, "p_clean")
@@ -152,8 +160,8 @@ def inject(key, banks: Mapping[str, Bank], x0, y, eps, t, sigma, cfg):
         start = jax.random.randint(k_w, (B,), 0, x0.shape[1] - n + 1)
         window = jax.vmap(lambda e, s0: lax.dynamic_slice_in_dim(e, s0, n, axis=0))(e_i, start)
         window = _bcast(jnp.where(image_inj, mod[2], 0.0), window) * window
-        head = y[:, :n, :, :, MASK_CHANNELS:].astype(jnp.float32) + window
-        y_new = y.at[:, :n, :, :, MASK_CHANNELS:].set(head.astype(y.dtype))
+        head = y[:, y0:y0 + n, :, :, MASK_CHANNELS:].astype(jnp.float32) + window
+        y_new = y.at[:, y0:y0 + n, :, :, MASK_CHANNELS:].set(head.astype(y.dtype))
 
     info = dict(clean=clean, noise_injected=noise_inj, latent_injected=latent_inj, image_injected=image_inj)
     info = {k: v.astype(jnp.float32) for k, v in info.items()}
@@ -182,7 +190,8 @@ def curate(key, banks: Mapping[str, Bank], t, sigma, v_pred, target, info, step,
     B = v_pred.shape[0]
     _check_banks(banks, v_pred.shape[1:])
     e_n, e_x = errors_from_prediction(v_pred, target, sigma)
-    grid = grid_of(t, int(_get(cfg, "num_grids")), float(_get(cfg, "shift")))
+    grid = grid_of(t, int(_get(cfg, "num_grids")), float(_get(cfg, "shift")), int(_get(cfg, "grid_offset")),
+                   int(_get(cfg, "grid_steps")))
     clean = jnp.asarray(info["clean"]) > 0.5
     gate = ~clean | (jax.random.uniform(key, (B,)) < _get(cfg, "p_insert_clean"))
 

@@ -56,6 +56,8 @@ class DiTConfig:
     qk_norm: bool = True
     cross_attn_norm: bool = True
     image_dim: int = 1280            # CLIP token width (I2V only)
+    # I2V only: Wan2.1's CLIP branch (img_emb, k_img/v_img). False = Wan2.2-A14B I2V: y on the channels, no CLIP
+    image_embedding: bool = True
     rope_max_seq_len: int = 1024
     rope_theta: float = 10000.0
     # execution
@@ -86,6 +88,11 @@ class DiTConfig:
     @property
     def is_i2v(self) -> bool:
         return self.model_type == "i2v"
+
+    @property
+    def uses_clip(self) -> bool:
+        """I2V with the CLIP image branch (Wan2.1); Wan2.2-A14B I2V takes y only."""
+        return self.is_i2v and self.image_embedding
 
     @classmethod
     def from_dict(cls, d) -> "DiTConfig":
@@ -207,7 +214,7 @@ class CrossAttention(nn.Module):
         k = split(norm("norm_k")(lin("k")(ctx)))
         v = split(lin("v")(ctx))
         o = attention(q, k, v, cfg.attention, block_q=cfg.attention_block_q, block_kv=cfg.attention_block_kv)
-        if cfg.is_i2v:
+        if cfg.uses_clip:
             k_img = split(norm("norm_k_img")(lin("k_img")(ctx_img)))
             v_img = split(lin("v_img")(ctx_img))
             o = o + attention(q, k_img, v_img, cfg.attention, block_q=cfg.attention_block_q,
@@ -289,8 +296,9 @@ class WanDiT(nn.Module):
         cfg = self.cfg
         dt = dtype_of(cfg.dtype)
         if cfg.is_i2v:
-            if y is None or clip_fea is None:
-                raise ValueError("the I2V model needs both y (conditioning latents) and clip_fea (CLIP tokens)")
+            if y is None or (clip_fea is None and cfg.uses_clip):
+                raise ValueError("the I2V model needs both y (conditioning latents) and clip_fea (CLIP tokens)"
+                                 if cfg.uses_clip else "the I2V model needs y (conditioning latents)")
             x = jnp.concatenate([x, y.astype(x.dtype)], axis=-1)
         b, f, h, w, c = x.shape
         if c != cfg.in_dim:
@@ -320,7 +328,7 @@ class WanDiT(nn.Module):
             raise ValueError(f"text context width {context.shape[-1]} != text_dim {cfg.text_dim}")
         context = jnp.pad(context, ((0, 0), (0, cfg.text_len - L), (0, 0)))
         ctx = TextEmbedding(cfg, name="text_embedding")(context.astype(dt)).astype(dt)
-        ctx_img = ImageEmbedding(cfg, name="img_emb")(clip_fea).astype(dt) if cfg.is_i2v else None
+        ctx_img = ImageEmbedding(cfg, name="img_emb")(clip_fea).astype(dt) if cfg.uses_clip else None
 
         cos, sin = rope_tables(grid, cfg.head_dim, cfg.rope_theta, cfg.rope_max_seq_len)
         audio_tok = audio_tokens(cfg, audio, grid[0])
@@ -445,8 +453,9 @@ def example_inputs(cfg: DiTConfig, batch: int = 1, latent_shape=(1, 2, 2), text_
     t = jax.ShapeDtypeStruct((batch,), jnp.float32)
     ctx = jax.ShapeDtypeStruct((batch, text_tokens or cfg.text_len, cfg.text_dim), dtype)
     clip = y = None
-    if cfg.is_i2v:
+    if cfg.uses_clip:
         clip = jax.ShapeDtypeStruct((batch, 257, cfg.image_dim), dtype)
+    if cfg.is_i2v:
         y = jax.ShapeDtypeStruct((batch, f, h, w, cfg.in_dim - cfg.out_dim), dtype)
     return x, t, ctx, clip, y
 
@@ -546,7 +555,7 @@ def flops_per_forward(cfg: DiTConfig, latent_shape, batch: int = 1, text_len: in
         + 2 * n * L * d               # cross attention (text)
         + 2 * n * d * ff              # ffn
     )
-    if cfg.is_i2v:
+    if cfg.uses_clip:
         per_block += 2 * num_img * d * d + 2 * n * num_img * d
     total = cfg.num_layers * per_block + n * cfg.in_dim * pt * ph * pw * d + n * d * cfg.out_dim * pt * ph * pw
     total += L * (cfg.text_dim * d + d * d)
