@@ -22,6 +22,9 @@ def train_config(model: ml_collections.ConfigDict, name: str) -> ml_collections.
     c.data.synthetic = 0     # > 0: generate this many synthetic clips into <workdir>/videos when data.videos is ''
     c.lora = ml_collections.ConfigDict(dict(rank=128, alpha=128, targets=DEFAULT_TARGETS, dtype="float32",
                                             export_prefix=""))
+    # sampling only (python -m svi_jax.sample): output size height/width (0 = from the reference's aspect ratio, see
+    # svi_jax/output_size.py), max_width of that rule (0 = data.width: 832 Shot/Film, as the official test_svi.py)
+    c.sample = ml_collections.ConfigDict(dict(height=0, width=0, max_width=0))
     c.erft = erft_config()   # official Shot probabilities, 50 grids x 500, warm-up 50
     c.erft.enabled = True
     c.erft.bank_dtype = "bfloat16"

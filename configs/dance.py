@@ -26,7 +26,7 @@ def dance_fields(c):
         p_pose_zero=(0.05, 0.1),    # two independent draws (train_svi_dance.py L1055-1060): p = 0.145 in all
         p_image_zero=0.1,           # CLIP features and y zeroed together (L1068-1075); then no y error is injected
     ))
-    c.sample = ml_collections.ConfigDict(dict(cfg_scale=2.0, fps=25.0))
+    c.sample.update(dict(cfg_scale=2.0, fps=25.0, max_width=640))   # test_svi_dance.py: max width 640
     return c
 
 

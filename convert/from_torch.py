@@ -11,6 +11,7 @@ Usage:
   python convert/from_torch.py dit-to-torch --src DIR --dst FILE.safetensors   (back to the official layout)
   python convert/from_torch.py dance --src UniAnimate-Wan2.1-14B-Lora-12000.ckpt --dst DIR   (LoRA + pose module)
   python convert/from_torch.py dance-to-torch --src DIR --dst svi-dance.safetensors          (or .ckpt)
+  python convert/from_torch.py lora-export --src runs/x [--format svi|comfyui|diffusers] [--dst FILE]
 
 Each kind detects the source layout (official Wan / diffusers / transformers) from the tensor names, reads
 tensors one at a time (safetensors lazily, .pth via torch.load(weights_only=True, mmap=True)), shows a
@@ -36,6 +37,7 @@ KINDS = {
     "clip": ("svi_jax.convert.clip", "CLIP ViT-H/14 visual tower (official open-clip .pth or transformers)"),
     "dance": ("svi_jax.convert.dance", "UniAnimate / SVI-Dance LoRA + dwpose_embedding (.ckpt or .safetensors)"),
     "dance-to-torch": ("svi_jax.convert.dance_export", "our dance adapter -> SVI-Dance .safetensors / .ckpt"),
+    "lora-export": ("svi_jax.convert.lora_export", "a trained LoRA -> svi (default) / comfyui / diffusers names"),
     "wav2vec2": ("svi_jax.convert.wav2vec2", "wav2vec2 audio encoder for SVI-Talk (transformers Wav2Vec2Model)"),
 }
 

@@ -71,6 +71,23 @@ def load_rgb(path: str) -> np.ndarray:
         raise ImageError(f"image {path} is damaged or truncated ({str(e).splitlines()[0][:120]})") from None
 
 
+def reference_size(path: str) -> tuple[int, int]:
+    """``(width, height)`` of an image as displayed (EXIF orientation 5-8 swaps the sides), without decoding it."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image {path} does not exist")
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            orientation = img.getexif().get(0x0112, 1)
+    except UnidentifiedImageError:
+        raise ImageError(f"{path} is not an image file PIL can read (PNG, JPEG, WebP, ...)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"image {path} is damaged or truncated ({str(e).splitlines()[0][:120]})") from None
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
 def load_image(path: str, height: int, width: int) -> np.ndarray:
     """An RGB image resized to ``width x height`` (PIL bicubic, as the official ``Image.resize``): uint8 [H, W, 3]."""
     from PIL import Image

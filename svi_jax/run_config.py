@@ -19,7 +19,7 @@ CONFIG_FILE = "config.json"
 # fields that never change what a resumed run computes
 FREE = ("name", "train.num_steps", "train.ckpt_every", "train.keep", "train.async_checkpoints",
         "train.max_nonfinite", "train.export_lora", "train.allow_changes", "data.num_workers", "data.prefetch",
-        "lora.export_prefix")
+        "lora.export_prefix", "sample")
 
 
 class SettingsChanged(ValueError):

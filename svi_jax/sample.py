@@ -246,15 +246,16 @@ class LongVideoSampler:
             from svi_jax.train import load_frozen_params
 
             dit_params = load_frozen_params(config, jax.random.key(int(config.train.seed)))
-        if lora:
-            from svi_jax import lora as lora_lib
+        if lora:                                         # one or more PATH[:STRENGTH], merged in order
+            from svi_jax.lora_formats import LoraSpec, merge_stack, parse_specs
 
-            if self.dit_config.pose_embedding:           # SVI-Dance: LoRA + dwpose_embedding
+            specs = parse_specs(lora, float(lora_scale))
+            if self.dit_config.pose_embedding:           # SVI-Dance: the first is the LoRA + dwpose_embedding
                 from svi_jax.dance import merge_adapter
 
-                dit_params = merge_adapter(dit_params, resolve_lora(lora), scale=float(lora_scale))
-            else:
-                dit_params = lora_lib.merge_file(dit_params, resolve_lora(lora), scale=float(lora_scale))
+                dit_params = merge_adapter(dit_params, resolve_lora(specs[0].path), scale=specs[0].strength)
+                specs = specs[1:]
+            dit_params = merge_stack(dit_params, [LoraSpec(resolve_lora(x.path), x.strength) for x in specs])
         self.params = dit_params
 
         self.codec = pipeline.Codec.from_config(config)
@@ -721,7 +722,12 @@ def main(argv) -> int:
             raise PromptFileError("give --prompts FILE or --prompt TEXT")
         schedule = schedule_prompts(prompts, FLAGS.num_clips, FLAGS.repeat_prompt, FLAGS.keep_first_prompt,
                                     FLAGS.cycle_prompts, FLAGS.prompt_prefix)
-        reference = load_image(FLAGS.image, int(config.data.height), int(config.data.width))
+        from svi_jax import output_size
+
+        size = output_size.choose(config, FLAGS.image, FLAGS.height, FLAGS.width, FLAGS.max_width)
+        config.data.height, config.data.width = size.height, size.width
+        print(size.describe(), file=sys.stderr)
+        reference = load_image(FLAGS.image, size.height, size.width)
         streams, stream_inputs = condition_streams(config, FLAGS)
         talk = None
         if config.model.get("multitalk", False):     # SVI-Talk: audio features, clips from the audio length
@@ -736,6 +742,7 @@ def main(argv) -> int:
     bar = StepBar(FLAGS.progress, tuple(int(v) for v in pause.split(":")) if pause else None,
                   FLAGS.out + ".paused" if pause else None)
     inputs = {"image_sha256": file_sha256(FLAGS.image), "lora": None, "lora_scale": float(FLAGS.lora_scale),
+              "size": size.record(),
               **stream_inputs, **(talk.inputs if talk else {})}
     defaults = config.get("sample", {})          # per-variant defaults of flags not given (e.g. Dance: CFG 2, 25 fps)
     cfg_scale = FLAGS.cfg_scale if FLAGS["cfg_scale"].present else float(defaults.get("cfg_scale", FLAGS.cfg_scale))
@@ -744,10 +751,17 @@ def main(argv) -> int:
     try:
         preflight(FLAGS.out, FLAGS.resume, FLAGS.overwrite)
         if FLAGS.lora:
-            lora_file = resolve_lora(FLAGS.lora)
-            inputs["lora"] = {"path": os.path.abspath(lora_file),
-                              "sha256": file_sha256(os.path.join(lora_file, "config.json") if os.path.isdir(lora_file)
-                                                    else lora_file)}
+            from svi_jax.lora_formats import parse_specs
+
+            recs = []
+            for spec in parse_specs(FLAGS.lora, float(FLAGS.lora_scale)):
+                lora_file = resolve_lora(spec.path)
+                recs.append({"path": os.path.abspath(lora_file),
+                             "sha256": file_sha256(os.path.join(lora_file, "config.json") if os.path.isdir(lora_file)
+                                                   else lora_file), "strength": spec.strength})
+            if len(recs) == 1 and recs[0]["strength"] == float(FLAGS.lora_scale):
+                recs[0].pop("strength")                  # one LoRA at --lora_scale: the settings as before
+            inputs["lora"] = recs[0] if len(recs) == 1 else recs
         if talk is not None:
             sampler = talk.sampler(bar, shift=shift)
         elif FLAGS.chain == "pro":                     # SVI 2.0 Pro on Wan2.2-A14B: two experts, a LoRA pair
@@ -774,7 +788,8 @@ def main(argv) -> int:
     except (ResumeError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({"video": summary["video"], "clips": summary["num_clips"],
+    print(json.dumps({"video": summary["video"], "clips": summary["num_clips"], "height": size.height,
+                      "width": size.width,
                       "frames": summary["total_frames"], "compile_s": summary["compile_s"]}))
     return 0
 
@@ -796,8 +811,8 @@ def _define_flags():
         "configs/film.py (5 motion frames, zero padding), configs/tiny.py (random tiny models, CPU). Models come "
         "from config.checkpoints.{dit,vae,t5,clip,tokenizer} (e.g. --config.checkpoints.dit=ckpt/dit); clip size "
         "from config.data.{num_frames,height,width}.", lock_config=True)
-    flags.DEFINE_string("image", None, "Reference image (first frame; Shot's padding anchor). Resized to "
-                        "config.data.width x height.")
+    flags.DEFINE_string("image", None, "Reference image (first frame; Shot's padding anchor; EXIF orientation "
+                        "applied). Resized to the output size (printed; stored in OUT.json).")
     flags.DEFINE_string("prompts", None, "Prompt file: a Python-style list (prompts = [\"...\", ...]) or one prompt "
                         "per line ('#' comment lines and blank lines skipped). UTF-8.")
     flags.DEFINE_string("prompt", None, "A single prompt instead of --prompts.")
@@ -816,9 +831,17 @@ def _define_flags():
     flags.DEFINE_string("prompt_prefix", "", "Text put before every prompt as 'PREFIX, prompt'.")
     flags.DEFINE_string("negative_prompt", NEGATIVE_PROMPT, "Negative prompt of classifier-free guidance "
                         "(default: the official SVI one).")
-    flags.DEFINE_string("lora", None, "SVI LoRA to merge before sampling: an official SVI .safetensors file, "
-                        "our export, or a training workdir holding lora.safetensors.")
-    flags.DEFINE_float("lora_scale", 1.0, "LoRA strength s in W += s * B @ A (official default 1.0).")
+    flags.DEFINE_multi_string("lora", None, "LoRA to merge before sampling, PATH[:STRENGTH], repeatable (merged in "
+                              "order, W += s * B @ A x alpha/rank where the file has an alpha): an official SVI file, "
+                              "our export, a training workdir holding lora.safetensors, a ComfyUI/kohya or diffusers "
+                              "LoRA (see docs/sampling.md).")
+    flags.DEFINE_float("lora_scale", 1.0, "Strength s of every --lora given without :STRENGTH (official 1.0).")
+    flags.DEFINE_integer("height", None, "Output height (with --width; multiple of 16 for Wan). Default: from the "
+                         "reference's aspect ratio as the official test_svi.py (see --max_width).")
+    flags.DEFINE_integer("width", None, "Output width (with --height).")
+    flags.DEFINE_integer("max_width", None, "Without --height/--width: width = min(reference width, max_width), "
+                         "height by the aspect ratio, both floored to the model's multiple (default "
+                         "config.sample.max_width, else config.data.width: 832 Shot/Film).")
     flags.DEFINE_integer("seed", 0, "Base seed; clip k uses seed + k * seed_times.")
     flags.DEFINE_integer("seed_times", 42, "Seed stride between clips (official default 42).")
     flags.DEFINE_float("cfg_scale", 5.0, "Text classifier-free guidance scale; 1 = conditional pass only.")
