@@ -273,6 +273,8 @@ class SamplerRunner:
         self.sampler = sampler_factory(self.on_step)
         self.seed_times, self.fps, self.crf = int(seed_times), float(fps), int(crf)
         self.inputs = dict(inputs or {})
+        hold = os.environ.get("SVI_DEMO_HOLD_AT")    # tests: "clip:step" waits there (first run) for a stop
+        self.hold_at = tuple(int(v) for v in hold.split(":")) if hold else None
 
     def on_step(self, i) -> None:
         job = self.job
@@ -281,6 +283,9 @@ class SamplerRunner:
         if job.stop_event.is_set():
             raise StopRequested(job.id)
         job.emit("step", clip=self.clip, step=int(i) + 1, steps=self.sampler.num_steps)
+        if self.hold_at == (self.clip, int(i)) and not job.resume:
+            job.stop_event.wait(300)
+            raise StopRequested(job.id)
 
     def _on_clip(self, job: Job, k: int) -> None:
         from svi_jax import sample, video_io
