@@ -32,7 +32,7 @@ def train_config(model: ml_collections.ConfigDict, name: str) -> ml_collections.
     c.erft.handcrafted_p = 0.0          # > 0: handcrafted degradations of the condition frames (paper Tab. 7)
     c.erft.handcrafted_strength = 1.0
     # AdamW lr 1e-4 as the official scripts (the paper's table says 2e-5: --config.optim.lr=2e-5).
-    c.optim = ml_collections.ConfigDict(dict(lr=1e-4, weight_decay=0.01, grad_clip=1.0, b1=0.9, b2=0.999, eps=1e-8))
+    c.optim = ml_collections.ConfigDict(dict(lr=1e-4, schedule="constant", weight_decay=0.01, grad_clip=1.0, b1=0.9, b2=0.999, eps=1e-8))
     # trainable: 'lora' (SVI) or 'full' (every DiT weight; e.g. pre-training the drift experiment's tiny base)
     c.train = ml_collections.ConfigDict(dict(num_steps=10000, seed=0, trainable="lora", ckpt_every=500, keep=3,
                                              max_nonfinite=10, export_lora=True, async_checkpoints=True,

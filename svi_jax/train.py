@@ -89,8 +89,14 @@ def latent_shape(config) -> tuple[int, int, int, int]:
 
 def make_optimizer(config) -> optax.GradientTransformation:
     o = config.optim
+    lr = o.lr
+    schedule = o.get("schedule", "constant")
+    if schedule == "cosine":  # from lr to 0 over the run's steps (e.g. to finish pre-training a base)
+        lr = optax.cosine_decay_schedule(o.lr, max(1, int(config.train.num_steps)))
+    elif schedule != "constant":
+        raise ConfigError(f"config.optim.schedule must be 'constant' or 'cosine', got {schedule!r}")
     return optax.chain(optax.clip_by_global_norm(o.grad_clip),
-                       optax.adamw(o.lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
+                       optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
 
 
 def is_full(config) -> bool:

@@ -335,6 +335,9 @@ def test_plan_motion_and_padding_rules():
     assert all(sampling.plan_clip(100, 64, 64, shot, rng).num_cond == 1 for _ in range(50))
     zero = default_config(num_frames=21, pad_mode="zero")
     assert sampling.plan_clip(100, 64, 64, zero, rng).pad_frame == -1
+    mix = default_config(num_frames=21, pad_mode="mix")
+    frac_ref = np.mean([sampling.plan_clip(100, 64, 64, mix, rng).pad_frame >= 0 for _ in range(2000)])
+    assert 0.45 < frac_ref < 0.55  # a fair coin per clip between 'ref' and 'zero'
     # assemble: cond = first num_cond frames, then the padding frame (ref) or zeros; short windows repeat
     frames = coded_frames(7, 8, 8)
     plan = sampling.ClipPlan(start=0, stride=1, num_real=7, num_frames=9, crop=(0, 0, 8, 8), num_cond=5, pad_frame=3)

@@ -167,6 +167,27 @@ def test_bad_config_value_is_rejected(dataset):
         train_lib.latent_shape(c)
 
 
+def test_cosine_schedule_decays_to_zero(dataset):
+    c = _config(dataset)
+    c.train.num_steps, c.optim.grad_clip, c.optim.weight_decay = 10, 1e9, 0.0
+    sizes = {}
+    for schedule in ("constant", "cosine"):
+        c.optim.schedule = schedule
+        opt = train_lib.make_optimizer(c)
+        p, g = {"w": jnp.ones(3)}, {"w": jnp.ones(3)}
+        st, steps = opt.init(p), []
+        for _ in range(10):
+            u, st = opt.update(g, st, p)
+            steps.append(float(jnp.abs(u["w"]).max()))
+        sizes[schedule] = steps
+    np.testing.assert_allclose(sizes["constant"], c.optim.lr, rtol=1e-3)   # Adam's first steps are ~lr
+    np.testing.assert_allclose(sizes["cosine"][0], c.optim.lr, rtol=1e-3)
+    assert sizes["cosine"][-1] < 0.03 * c.optim.lr and np.all(np.diff(sizes["cosine"]) < 0)
+    c.optim.schedule = "linear"
+    with pytest.raises(train_lib.ConfigError, match="optim.schedule"):
+        train_lib.make_optimizer(c)
+
+
 def _cli(workdir, dataset, *extra):
     return [sys.executable, "-m", "svi_jax.train", "--config", os.path.join(ROOT, "configs", "tiny.py"),
             "--workdir", workdir, f"--config.data.dataset={dataset}", "--config.train.num_steps=6",

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import ml_collections
 
-PAD_MODES = ("ref", "zero")
+PAD_MODES = ("ref", "zero", "mix")
 
 
 def default_config(**overrides) -> ml_collections.ConfigDict:
@@ -14,7 +14,8 @@ def default_config(**overrides) -> ml_collections.ConfigDict:
     num_motion_frames: condition frames (1 Shot, 5 Film); with probability p_motion all of them are real
       frames, otherwise only the first.
     pad_mode: 'ref' fills the rest of `cond` with one random frame of the same window (Shot/Talk/Dance),
-      'zero' with zeros (Film).
+      'zero' with zeros (Film), 'mix' either, by a fair coin per clip (a base that must serve both, e.g. the
+      tiny drift base).
     seed: shuffling and augmentation seed. batch_size: the GLOBAL batch; each of n hosts yields batch_size/n.
     num_workers: clips decoded concurrently (threads driving ffmpeg subprocesses); prefetch: batches ahead.
     decode_threads: ffmpeg -threads per decode (0 = ffmpeg's choice). seek: seek by timestamp to the window.

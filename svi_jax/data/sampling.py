@@ -78,8 +78,9 @@ def plan_clip(total: int, src_h: int, src_w: int, cfg, rng: np.random.Generator)
     num_cond = 1
     if cfg.num_motion_frames > 1 and rng.random() < cfg.p_motion:
         num_cond = cfg.num_motion_frames
+    ref = cfg.pad_mode == "ref" or (cfg.pad_mode == "mix" and rng.random() < 0.5)  # 'mix': a coin per clip
     return ClipPlan(start=start, stride=stride, num_real=num_real, num_frames=cfg.num_frames, crop=crop,
-                    num_cond=num_cond, pad_frame=pad if cfg.pad_mode == "ref" else -1)
+                    num_cond=num_cond, pad_frame=pad if ref else -1)
 
 
 def to_float(frames: np.ndarray) -> np.ndarray:
