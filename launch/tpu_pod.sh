@@ -16,6 +16,11 @@
 # shards of the checkpoint there and process 0 writes metrics.jsonl / lora.safetensors.
 set -euo pipefail
 
+TPU_OVERLAP_FLAGS="--xla_tpu_enable_data_parallel_all_reduce_opt=true --xla_tpu_data_parallel_opt_different_sized_ops=true \
+--xla_tpu_enable_async_collective_fusion=true --xla_tpu_enable_async_collective_fusion_fuse_all_gather=true \
+--xla_tpu_enable_async_collective_fusion_multiple_steps=true --xla_tpu_overlap_compute_collective_tc=true \
+--xla_enable_async_all_gather=true"
+
 TPU_NAME=${TPU_NAME:-svi-pod}
 ZONE=${ZONE:-us-east5-a}
 ACCELERATOR=${ACCELERATOR:-v5p-128}
@@ -43,8 +48,10 @@ case "$cmd" in
     [[ $# -gt 0 ]] || { echo "usage: $0 run COMMAND..." >&2; exit 2; }
     # the same command on every worker; SVI_DISTRIBUTED=1 makes svi_jax.distributed call
     # jax.distributed.initialize() (coordinator and process ids come from the TPU VM metadata)
+    # LIBTPU_INIT_ARGS: overlap the FSDP all-gathers / reduce-scatters and the data all-reduce with compute
+    # (the flags MaxText/maxdiffusion set on TPU; each explained in docs/launch.md). Override: LIBTPU_FLAGS=...
     printf -v quoted '%q ' "$@"
-    on_all "cd $DIR && SVI_DISTRIBUTED=1 $quoted 2>&1 | tee -a \$HOME/svi_\$(hostname).log"
+    on_all "cd $DIR && SVI_DISTRIBUTED=1 LIBTPU_INIT_ARGS='${LIBTPU_FLAGS:-$TPU_OVERLAP_FLAGS}' $quoted 2>&1 | tee -a \$HOME/svi_\$(hostname).log"
     ;;
   plan)
     n=${ACCELERATOR#*-}; chips=$(( n / 2 ))   # v5p-N / v4-N count TensorCores: 2 per chip

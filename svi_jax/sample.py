@@ -212,7 +212,7 @@ class LongVideoSampler:
                  shift: float = 5.0, cfg_scale: float = 5.0, solver: str = "euler", chain: str = "pixel",
                  motion_frames: Optional[int] = None, pad: Optional[str] = None, negative_prompt: str = NEGATIVE_PROMPT,
                  dit_params=None, dit_config=None, on_step: Optional[Callable[[int], None]] = None,
-                 cfg_batch: Optional[bool] = None, streams: Sequence = ()):
+                 cfg_batch: Optional[bool] = None, streams: Sequence = (), mesh=None):
         from svi_jax import pipeline
         from svi_jax.models.dit import DiTConfig
 
@@ -268,9 +268,19 @@ class LongVideoSampler:
         if self.codec.z_dim != self.dit_config.out_dim:
             raise ValueError(f"VAE z_dim {self.codec.z_dim} != DiT out_dim {self.dit_config.out_dim}")
 
+        # mesh: None / {} = one device; the CLI passes --mesh ('' = every local device, svi_jax.sample_mesh)
+        from svi_jax import sample_mesh
+
+        self.mesh, self.dit_config, cfg_batch = (sample_mesh.setup(mesh, self.dit_config, self.cfg_scale, cfg_batch)
+                                                 if mesh is not None else (None, self.dit_config, cfg_batch))
+        self.attention = sample_mesh.resolved_attention(self.dit_config, self.mesh)
         self.cfg_batch = resolve_cfg_batch(cfg_batch)
         self.sample_fn = make_sampler(self.dit_config, self.num_steps, self.shift, self.cfg_scale, solver,
-                                      cfg_batch=self.cfg_batch, on_step=on_step)
+                                      cfg_batch=self.cfg_batch, on_step=on_step, jit=self.mesh is None)
+        if self.mesh is not None:
+            self.sample_fn = sample_mesh.MeshSampler(self.sample_fn, self.mesh, self.dit_config, self.params)
+            self.params = self.sample_fn.place(self.params)
+        log.info("attention: %s -> %s", self.dit_config.attention, self.attention)
         self._text = jax.jit(self._text_fn)
         self._cond = jax.jit(self._cond_fn)
         self._clip = jax.jit(self._clip_fn)
@@ -527,8 +537,15 @@ def _resolved_attention(sampler) -> str:
     """What the DiT's ``attention`` (``auto``: the platform's fused kernel) runs as here."""
     from svi_jax.models.layers import resolve_attention
 
+    if getattr(sampler, "attention", None):           # resolved for the sampler's mesh (svi_jax.sample_mesh)
+        return sampler.attention
     cfg = getattr(sampler, "dit_config", None)
     return resolve_attention(cfg.attention if cfg is not None else "auto", jax.default_backend())
+
+
+def _mesh_sizes(sampler) -> Optional[dict]:
+    mesh = getattr(sampler, "mesh", None)
+    return None if mesh is None else {k: int(v) for k, v in dict(mesh.shape).items()}
 
 
 def generate(sampler: LongVideoSampler, reference_u8: np.ndarray, prompts: Sequence[str], out: str, *,
@@ -598,7 +615,7 @@ def generate(sampler: LongVideoSampler, reference_u8: np.ndarray, prompts: Seque
                 "first_clip_frames": getattr(sampler, "first_clip_frames", sampler.new_frames_per_clip),
                 "total_frames": sampler.total_frames(done),
                 "height": sampler.H, "width": sampler.W, "settings": settings, "compile_s": meta.get("compile_s"),
-                "attention": _resolved_attention(sampler), "clips": records[:done]}
+                "attention": _resolved_attention(sampler), "mesh": _mesh_sizes(sampler), "clips": records[:done]}
 
     clip_bar = tqdm(total=num_clips, initial=min(state.clip, num_clips), desc="clips", unit="clip",
                     disable=not progress, dynamic_ncols=True)
@@ -774,7 +791,7 @@ def main(argv) -> int:
                                        num_steps=FLAGS.num_steps, shift=shift, cfg_scale=cfg_scale,
                                        solver=FLAGS.solver, chain=FLAGS.chain, motion_frames=FLAGS.motion_frames,
                                        pad=FLAGS.pad, negative_prompt=FLAGS.negative_prompt, on_step=bar,
-                                       cfg_batch=FLAGS.cfg_batch, streams=streams)
+                                       cfg_batch=FLAGS.cfg_batch, streams=streams, mesh=FLAGS.mesh)
         from svi_jax.prompt_checks import warn_long_prompts
 
         warn_long_prompts(sampler.tokenizer, schedule)
@@ -848,6 +865,9 @@ def _define_flags():
     flags.DEFINE_bool("cfg_batch", None, "--cfg_batch: run the conditional and unconditional passes as one batch-2 "
                       "forward (the usual win on GPU/TPU); --nocfg_batch: two forwards (same result; measured 5-13% "
                       "faster on CPU, see docs/benchmarks.md). Default: two forwards on CPU, batched elsewhere.")
+    flags.DEFINE_string("mesh", "", "Devices to sample on: '' (default) = every local device (CFG's two branches "
+                        "over data=2, the clip's tokens over context, DiT weights sharded; docs/sampling.md); "
+                        "'1' = one device; or axis=size,... e.g. data=2,context=4.")
     flags.DEFINE_integer("num_steps", 50, "Denoising steps per clip.")
     flags.DEFINE_float("shift", None, "Flow-matching sigma shift (default: config.erft.shift, the shift the model "
                        "was trained at: 5 for Wan/SVI, 1 for the tiny configs).")

@@ -219,6 +219,13 @@ def sharded_train_step(config, conditioner, mesh, state_shardings):
     return sharding.TrainStep(step_fn, mesh, config, state_shardings, tx, enc), module, tx
 
 
+def run_header(config, mesh) -> dict:
+    """The first row of ``metrics.jsonl``: the attention ``auto`` resolved to, platform, mesh, remat policy."""
+    return {"attention": resolved_attention(config, mesh), "attention_config": config.model.attention,
+            "platform": mesh.devices.flat[0].platform, "mesh": {k: int(v) for k, v in dict(mesh.shape).items()},
+            "remat_policy": config.model.get("remat_policy", "full"), "processes": jax.process_count()}
+
+
 def resolved_attention(config, mesh) -> str:
     """What ``config.model.attention`` runs as on ``mesh``'s devices (``auto``: the platform's fused kernel)."""
     from svi_jax.models.layers import resolve_attention
@@ -400,6 +407,8 @@ class Trainer:
                         break  # a torn last line from a killed run
                     if r.get("step", 0) <= start_step:
                         rows.append(line if line.endswith("\n") else line + "\n")
+        if not rows:  # a new run: the header row says what the run is (readers skip rows without "step")
+            rows.append(json.dumps({"header": run_header(self.config, self.mesh)}) + "\n")
         with open(path + ".tmp", "w") as f:
             f.writelines(rows)
         os.replace(path + ".tmp", path)

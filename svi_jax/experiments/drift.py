@@ -72,7 +72,7 @@ def _train(config, workdir: str, what: str):
     trainer.close()
     if summary["end_step"] < config.train.num_steps:
         raise SystemExit(f"{what} stopped at step {summary['end_step']} (interrupted); re-run to continue")
-    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    rows = [r for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl"))) if "step" in r]
     tail = rows[-max(1, len(rows) // 10):]
     summary.update(seconds=round(time.time() - t0, 1), final_loss=float(np.mean([r["loss"] for r in tail])))
     json.dump(summary, open(done, "w"))
