@@ -284,11 +284,9 @@ def load_frozen_params(config, key) -> dict:
         from svi_jax.models.dit import DiT
 
         dit = DiT.from_dir(path)
-        for f in ("dim", "num_layers", "num_heads", "ffn_dim", "in_dim", "out_dim", "text_dim", "model_type",
-                  "multitalk"):
-            if getattr(dit.config, f) != getattr(cfg, f):
-                raise ConfigError(f"config.model.{f} = {getattr(cfg, f)!r} but the DiT checkpoint {path} has "
-                                  f"{getattr(dit.config, f)!r}")
+        bad = cfg.architecture_mismatch(dit.config)
+        if bad:
+            raise ConfigError(f"config.model.{bad[0]} = {bad[1]!r} but the DiT checkpoint {path} has {bad[2]!r}")
         p = dit.params
     else:
         p = init_params(cfg, jax.random.fold_in(key, 1))
