@@ -465,6 +465,7 @@ class Trainer:
         # Metrics are fetched one step late: step k+1 is dispatched (and its batch prepared) before the host waits for
         # step k's numbers, so the host never idles the device. The step counter is kept on the host (no sync).
         pending: list = []
+        schedule = learning_rate(self.config)
 
         def report():
             if not pending:
@@ -474,8 +475,7 @@ class Trainer:
             nonfinite_run = self.nonfinite_run = int(m.pop("nonfinite_run"))
             self.guard.on_metrics(self.ckpt, step, nonfinite_run == 0)
             now = time.time()
-            lr = learning_rate(self.config)   # the rate this step's update used
-            lr = float(lr(step - 1) if callable(lr) else lr)
+            lr = float(schedule(step - 1) if callable(schedule) else schedule)   # the rate this step's update used
             m.update(step=step, lr=lr, steps_per_s=1.0 / max(now - last["t"], 1e-9))
             last["t"] = now
             self._log(m)
