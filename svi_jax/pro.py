@@ -98,11 +98,10 @@ def load_experts(config, key, names: Sequence[str] = EXPERTS) -> dict:
                 raise CheckpointError(f"config.checkpoints.dit={path} holds a {meta['kind']!r} model; SVI 2.0 Pro "
                                       f"needs both Wan2.2 experts (python convert/from_torch.py wan22 ...)")
             dit = DiT.from_dir(os.path.join(path, meta["config"][name]))
-            for f in ("dim", "num_layers", "num_heads", "ffn_dim", "in_dim", "out_dim", "text_dim", "model_type",
-                      "image_embedding"):
-                if getattr(dit.config, f) != getattr(cfg, f):
-                    raise CheckpointError(f"config.model.{f} = {getattr(cfg, f)!r} but the {name}-noise expert in "
-                                          f"{path} has {getattr(dit.config, f)!r}")
+            bad = cfg.architecture_mismatch(dit.config)
+            if bad:
+                raise CheckpointError(f"config.model.{bad[0]} = {bad[1]!r} but the {name}-noise expert in {path} "
+                                      f"has {bad[2]!r}")
             p = dit.params
         else:
             p = init_params(cfg, jax.random.fold_in(key, 1 + 1000 * EXPERTS.index(name)))

@@ -284,11 +284,9 @@ def load_frozen_params(config, key) -> dict:
         from svi_jax.models.dit import DiT
 
         dit = DiT.from_dir(path)
-        for f in ("dim", "num_layers", "num_heads", "ffn_dim", "in_dim", "out_dim", "text_dim", "model_type",
-                  "multitalk"):
-            if getattr(dit.config, f) != getattr(cfg, f):
-                raise ConfigError(f"config.model.{f} = {getattr(cfg, f)!r} but the DiT checkpoint {path} has "
-                                  f"{getattr(dit.config, f)!r}")
+        bad = cfg.architecture_mismatch(dit.config)
+        if bad:
+            raise ConfigError(f"config.model.{bad[0]} = {bad[1]!r} but the DiT checkpoint {path} has {bad[2]!r}")
         p = dit.params
     else:
         p = init_params(cfg, jax.random.fold_in(key, 1))
@@ -467,6 +465,7 @@ class Trainer:
         # Metrics are fetched one step late: step k+1 is dispatched (and its batch prepared) before the host waits for
         # step k's numbers, so the host never idles the device. The step counter is kept on the host (no sync).
         pending: list = []
+        schedule = learning_rate(self.config)
 
         def report():
             if not pending:
@@ -476,8 +475,7 @@ class Trainer:
             nonfinite_run = self.nonfinite_run = int(m.pop("nonfinite_run"))
             self.guard.on_metrics(self.ckpt, step, nonfinite_run == 0)
             now = time.time()
-            lr = learning_rate(self.config)   # the rate this step's update used
-            lr = float(lr(step - 1) if callable(lr) else lr)
+            lr = float(schedule(step - 1) if callable(schedule) else schedule)   # the rate this step's update used
             m.update(step=step, lr=lr, steps_per_s=1.0 / max(now - last["t"], 1e-9))
             last["t"] = now
             self._log(m)

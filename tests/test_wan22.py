@@ -142,3 +142,26 @@ def test_switch_step_is_the_official_one():
     assert flags[:21].all() and not flags[21:].any()
     assert np.isclose(t[20], 882.35, atol=0.01) and np.isclose(t[21], 873.49, atol=0.01)
     assert (flow.timesteps(50, 5.0) == t).all()
+
+
+def test_architecture_check_names_the_field(pair):
+    """One architecture check (DiTConfig.architecture_mismatch) serves svi_jax.pro and svi_jax.train: a config that
+    differs from the converted experts in any architecture field is refused, naming it."""
+    import ml_collections
+
+    from svi_jax.checkpoint import CheckpointError, read_meta
+    from svi_jax.models.dit import DiT, DiTConfig
+    from svi_jax.pro import load_experts
+
+    _, path = pair["converted"]["official"]
+    high = DiT.from_dir(os.path.join(path, read_meta(path)["config"]["high"])).config
+    assert high.architecture_mismatch(high) is None
+    for field, value in (("multitalk", True), ("image_embedding", not high.image_embedding), ("num_layers", 3)):
+        other = DiTConfig(**{**high.to_dict(), "patch_size": tuple(high.patch_size), field: value})
+        assert high.architecture_mismatch(other) == (field, getattr(high, field), value)
+    assert high.architecture_mismatch(DiTConfig(**{**high.to_dict(), "patch_size": tuple(high.patch_size),
+                                                   "pose_embedding": True})) is None   # Dance adds its layers
+    config = ml_collections.ConfigDict(dict(model={**high.to_dict(), "num_layers": 3},
+                                            checkpoints=dict(dit=path)))
+    with pytest.raises(CheckpointError, match=r"config\.model\.num_layers = 3 but the high-noise expert"):
+        load_experts(config, jax.random.PRNGKey(0), ("high",))

@@ -251,12 +251,17 @@ def add_arguments(p):
     p.add_argument("--src", required=True, help="official Wan dir/file (diffusion_pytorch_model*.safetensors, .pth) "
                                                 "or a diffusers WanTransformer3DModel dir")
     p.add_argument("--dst", required=True, help="output directory (config.json + orbax params)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="stored param dtype (auto: bf16 if the source is half precision, else fp32)")
-    p.add_argument("--num_heads", type=int, default=None, help="override when no config.json is beside the weights")
     p.add_argument("--multitalk", default=None,
                    help="SVI-Talk: also read the MultiTalk audio layers from this multitalk.safetensors (default: "
                         "SRC/multitalk.safetensors when SRC is a directory holding one)")
+    add_common_arguments(p)
+
+
+def add_common_arguments(p):
+    """``--dtype``, ``--num_heads`` and ``--no_progress`` of every DiT converter (``dit``, ``wan22``)."""
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="stored param dtype (auto: bf16 if the source is half precision, else fp32)")
+    p.add_argument("--num_heads", type=int, default=None, help="override when no config.json is beside the weights")
     p.add_argument("--no_progress", action="store_true")
 
 

@@ -77,10 +77,9 @@ def add_arguments(p):
     p.add_argument("--src", required=True, help="Wan2.2-A14B folder: high_noise_model/ + low_noise_model/ "
                                                 "(official) or transformer/ + transformer_2/ (diffusers)")
     p.add_argument("--dst", required=True, help="output directory (DST/high, DST/low, DST/config.json)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="stored param dtype (auto: bf16 if the source is half precision, else fp32)")
-    p.add_argument("--num_heads", type=int, default=None, help="override when no config.json is beside the weights")
-    p.add_argument("--no_progress", action="store_true")
+    from svi_jax.convert.dit import add_common_arguments
+
+    add_common_arguments(p)
 
 
 def run(args):

@@ -94,6 +94,18 @@ class DiTConfig:
         """I2V with the CLIP image branch (Wan2.1); Wan2.2-A14B I2V takes y only."""
         return self.is_i2v and self.image_embedding
 
+    # the fields that decide which weights a converted checkpoint holds, and their shapes (pose_embedding is not
+    # one: SVI-Dance adds its pose layers to a plain Wan checkpoint, svi_jax/dance_train.py)
+    ARCHITECTURE = ("dim", "num_layers", "num_heads", "ffn_dim", "in_dim", "out_dim", "text_dim", "model_type",
+                    "image_embedding", "multitalk")
+
+    def architecture_mismatch(self, other: "DiTConfig") -> Optional[tuple]:
+        """``(field, mine, other's)`` of the first architecture field where ``other`` differs, else None."""
+        for f in self.ARCHITECTURE:
+            if getattr(self, f) != getattr(other, f):
+                return f, getattr(self, f), getattr(other, f)
+        return None
+
     @classmethod
     def from_dict(cls, d) -> "DiTConfig":
         d = dict(d)
