@@ -3,6 +3,7 @@ windows in the DiT (audio layers frozen), bad/silent files skipped and counted."
 from __future__ import annotations
 
 import json
+import os
 import wave
 
 import jax
@@ -51,9 +52,15 @@ def test_talk_dataset_build_and_train_steps(videos, tmp_path):
     c.data.videos = videos
     c.train.update(num_steps=2, ckpt_every=2, async_checkpoints=False)
     t = train_lib.Trainer(c, str(tmp_path / "run"))
-    summary = json.load(open(tmp_path / "run" / "talk_dataset" / "summary.json"))
-    assert summary["usable"] == 2 and summary["skipped_silent"] == 1 and summary["skipped_no_audio"] == 1
-    assert summary["skipped_bad_video"] == 1
+    summary = json.load(open(tmp_path / "run" / "talk_dataset" / "summary.json"))   # the project's TFDS build
+    assert summary["kept"] == 2 and summary["skipped"]["silent"] == 1 and summary["skipped"]["no_audio"] == 1
+    assert summary["skipped_total"] == 3 and os.path.isfile(os.path.join(summary["dataset_dir"], "dataset_info.json"))
+    from svi_jax.data.builder import npy_from_bytes, open_dataset
+
+    rec = open_dataset(summary["dataset_dir"])[0]          # the stored features are the sampler's for that file
+    key = rec["key"].decode() if isinstance(rec["key"], bytes) else str(rec["key"])
+    np.testing.assert_allclose(npy_from_bytes(rec["audio"]), talk.audio_features(c, os.path.join(videos, key)),
+                               rtol=1e-5, atol=1e-6)
     batch = t.data.peek()
     assert batch["audio_first"].shape == (1, 1, 5, 2, 16) and batch["audio_later"].shape == (1, 4, 8, 2, 16)
     base_before = jax.tree.map(np.array, t.state["params"]["dit"])
@@ -79,3 +86,16 @@ def test_audio_reaches_the_loss_and_drop_audio():
     np.testing.assert_array_equal(dropped, np.asarray(jnp.all(d[1] == 0, axis=(1, 2, 3, 4))))
     assert 0.08 < dropped.mean() < 0.12
     assert np.all(np.asarray(d[0])[~dropped] == 1)
+
+
+def test_talk_config_refuses_a_dataset_without_audio(tmp_path):
+    """A Shot/Film dataset (no audio field) given to a Talk config is one clear error, not a KeyError later."""
+    from svi_jax.data import builder, scroll
+    from svi_jax.talk_data import make_talk_data
+
+    scroll.write_dataset(str(tmp_path / "v"), num_videos=2, num_frames=17, height=32, width=48)
+    builder.build_dataset(str(tmp_path / "v"), str(tmp_path / "ds"), progress=False)
+    c = talk_tiny.get_config()
+    c.data.dataset = str(tmp_path / "ds")
+    with pytest.raises(ValueError, match="has no audio features"):
+        make_talk_data(c, str(tmp_path / "run"))

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import io
 import json
 import os
 import shutil
 import tempfile
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -50,6 +51,8 @@ def features() -> tfds.features.FeaturesDict:
         "fps": tfds.features.Scalar(dtype=np.float32),
         "ext": tfds.features.Text(),
         "pose": tfds.features.Tensor(shape=(), dtype=np.object_),  # the skeleton video's bytes, b"" if none
+        # SVI-Talk: the audio track's wav2vec2 features [T25, layers, hidden] float32 as .npy bytes, b"" if none
+        "audio": tfds.features.Tensor(shape=(), dtype=np.object_),
     })
 
 
@@ -62,7 +65,7 @@ class SviVideos(tfds.core.GeneratorBasedBuilder):
     def __init__(self, *, videos: Optional[str] = None, scan: Optional[scan_lib.Scan] = None,
                  min_frames: int = 5, min_size: int = 16, max_decode_errors: int = 0,
                  max_bytes: int = 2_000_000_000, workers: int = 2, progress: bool = True, clip_frames: int = 81,
-                 **kwargs):
+                 audio_features: Optional[Callable[[str], np.ndarray]] = None, **kwargs):
         self._videos = videos
         self._scan = scan
         self._limits = dict(min_frames=min_frames, min_size=min_size, max_decode_errors=max_decode_errors,
@@ -70,6 +73,7 @@ class SviVideos(tfds.core.GeneratorBasedBuilder):
         self._clip_frames = int(clip_frames)
         self._workers = max(1, workers)
         self._progress = progress
+        self._audio_features = audio_features   # SVI-Talk: video path -> features, or raises SkipVideo
         self.report = None
         super().__init__(**kwargs)
 
@@ -130,13 +134,20 @@ class SviVideos(tfds.core.GeneratorBasedBuilder):
                     if os.path.isfile(pose):          # SVI-Dance: the skeleton video, stored with the clip
                         with open(pose, "rb") as f:
                             pose_data = f.read()
+                    audio = b""
+                    if self._audio_features is not None:
+                        try:
+                            audio = _npy_bytes(self._audio_features(e.path))
+                        except SkipVideo as skip:
+                            rep.skip(e, skip.reason, skip.detail)
+                            continue
                     rep.keep(e, res, len(data))
                     bar.set_postfix(kept=rep.kept, skipped=sum(rep.skipped.values()), refresh=False)
                     yield e.key, {
                         "video": data, "key": e.key, "caption": e.caption, "category": e.category,
                         "num_frames": res.num_frames, "height": res.height, "width": res.width,
                         "fps": res.fps, "ext": os.path.splitext(e.path)[1].lower() or ".mp4",
-                        "pose": pose_data,
+                        "pose": pose_data, "audio": audio,
                     }
         bar.close()
 
@@ -213,6 +224,26 @@ class _Report:
         }
 
 
+class SkipVideo(Exception):
+    """Raised by a per-video hook of the builder (``audio_features``): the video is skipped and counted."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason, self.detail = reason, detail
+
+
+def _npy_bytes(a) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(a, np.float32))
+    return buf.getvalue()
+
+
+def npy_from_bytes(data) -> np.ndarray:
+    """Inverse of the builder's ``.npy`` byte fields (``audio``)."""
+    data = data.item() if isinstance(data, np.ndarray) else data
+    return np.load(io.BytesIO(data))
+
+
 def dataset_dir(out: str) -> str:
     """The TFDS version folder inside a build output folder (or `out` itself if it is one)."""
     if os.path.exists(os.path.join(out, "dataset_info.json")):
@@ -229,11 +260,14 @@ def build_dataset(videos: str, out: str, *, captions: Optional[str] = None,
                   caption_column: str = scan_lib.OFFICIAL_CAPTION_COLUMN, encoding: str = "utf-8",
                   caption_errors: str = "skip", min_frames: int = 5, min_size: int = 16,
                   max_decode_errors: int = 0, workers: int = 2, overwrite: bool = False,
-                  progress: bool = True, clip_frames: int = 81) -> dict:
+                  progress: bool = True, clip_frames: int = 81,
+                  audio_features: Optional[Callable[[str], np.ndarray]] = None) -> dict:
     """Scan, probe, and write the TFDS dataset under out/svi_videos/1.0.0; returns (and writes) the summary.
 
     Raises CaptionError at once for an unusable CSV and FileExistsError for an existing build unless
-    overwrite. Skipped videos are listed in the summary with their reason.
+    overwrite. Skipped videos are listed in the summary with their reason. ``audio_features`` (SVI-Talk): a function
+    from a video's path to its audio features, stored in the ``audio`` field; it raises :class:`SkipVideo` for a
+    video to skip (no audio track, silent).
     """
     t0 = time.time()
     scan = scan_lib.scan_folder(videos, captions, file_column, caption_column, encoding, caption_errors)
@@ -245,7 +279,8 @@ def build_dataset(videos: str, out: str, *, captions: Optional[str] = None,
     os.makedirs(out, exist_ok=True)
     builder = SviVideos(videos=videos, scan=scan, min_frames=min_frames, min_size=min_size,
                         max_decode_errors=max_decode_errors, workers=workers, progress=progress,
-                        clip_frames=clip_frames, data_dir=out, file_format="array_record")
+                        clip_frames=clip_frames, audio_features=audio_features, data_dir=out,
+                        file_format="array_record")
     failure = None
     with tempfile.TemporaryDirectory(prefix="svi_tfds_dl_") as dl:
         try:

@@ -292,7 +292,22 @@ class ClipLoader(BatchIterator):
         pose = pose.item() if isinstance(pose, np.ndarray) else pose
         if pose:        # SVI-Dance: the skeleton frames of the same window, crop and size (0..255 float32)
             example["pose"] = sampling.pose_window(decode_bytes(pose, suffix=".mp4", seek=False, **kw), plan)
+        audio = rec.get("audio", b"")
+        audio = audio.item() if isinstance(audio, np.ndarray) else audio
+        if audio:       # SVI-Talk: the clip's audio windows; its first frame mapped to the 25 steps/s timeline
+            example.update(_audio_windows(audio, plan.start, float(rec["fps"]), cfg.num_frames))
         return example
+
+
+def _audio_windows(audio: bytes, start_frame: int, fps: float, num_frames: int) -> dict:
+    """``audio_first [1, 5, L, C]`` and ``audio_later [F-1, 8, L, C]`` of the clip (official: the frame index, the
+    videos being 25 fps)."""
+    from svi_jax.data.audio import FPS, audio_windows
+    from svi_jax.data.builder import npy_from_bytes
+
+    start = int(round(start_frame * FPS / fps)) if fps else start_frame
+    first, later = audio_windows(npy_from_bytes(audio), start, num_frames)
+    return {"audio_first": first.astype(np.float32), "audio_later": later.astype(np.float32)}
 
 
 def make_loader(source, config=None, **kwargs) -> ClipLoader:
