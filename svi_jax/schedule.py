@@ -316,6 +316,7 @@ class Schedule:
     sha256: str
     clips: list
     defaults: Defaults
+    lora_files: tuple = ()                  # every LoRA file the schedule names (all clips, before --num_clips)
 
     @property
     def prompts(self) -> list[str]:
@@ -328,7 +329,7 @@ class Schedule:
 
     def inputs(self, file_sha256=None) -> dict:
         """The ``schedule`` entry of the saved settings: the file's hash and the hashes of the LoRA files it uses."""
-        files = sorted({p for c in self.clips for p, _ in c.loras} - {p for p, _ in self.defaults.loras})
+        files = sorted(set(self.lora_files) - {p for p, _ in self.defaults.loras})
         rec = {"sha256": self.sha256}
         if file_sha256 is not None and files:
             rec["loras"] = [{"path": p, "sha256": file_sha256(os.path.join(p, "config.json") if os.path.isdir(p)
@@ -343,7 +344,8 @@ def parse(text: str, defaults: Defaults, source: str = "<schedule>", base_dir: s
           allow_loras: bool = True) -> Schedule:
     """A :class:`Schedule` from a schedule's text (see the module doc)."""
     clips = resolve_clips(read_records(text, source), defaults, source, base_dir, resolve, allow_loras)
-    return Schedule(source, hashlib.sha256(text.encode("utf-8")).hexdigest(), clips, defaults)
+    return Schedule(source, hashlib.sha256(text.encode("utf-8")).hexdigest(), clips, defaults,
+                    tuple(sorted({p for c in clips for p, _ in c.loras})))
 
 
 def load(path: str, defaults: Defaults, resolve=None, allow_loras: bool = True) -> Schedule:
@@ -453,8 +455,10 @@ def from_flags(FLAGS, config, cfg_scale: float) -> Schedule:
 
 
 def check_resume(out: str, schedule: Optional[Schedule]) -> None:
-    """``--resume``: the generation in ``OUT.mp4.parts`` was started with this very schedule (or none)."""
-    from svi_jax.sample import Output, ResumeError
+    """``--resume``: the generation in ``OUT.mp4.parts`` was started with this very schedule (or none); raises
+    :class:`ScheduleError` (a ``ValueError``: ``python -m svi_jax.sample`` runs as ``__main__``, so its own
+    ``ResumeError`` class is not the one importable here)."""
+    from svi_jax.sample import Output
 
     path = Output(out).state_json
     try:
@@ -467,10 +471,10 @@ def check_resume(out: str, schedule: Optional[Schedule]) -> None:
     if was == now:
         return
     if was is None:
-        raise ResumeError("cannot resume with --schedule: this generation was started without one (pass "
+        raise ScheduleError("cannot resume with --schedule: this generation was started without one (pass "
                           "--overwrite to start over with the schedule)")
     if now is None:
-        raise ResumeError("cannot resume without --schedule: this generation was started with a schedule (give "
+        raise ScheduleError("cannot resume without --schedule: this generation was started with a schedule (give "
                           "the same --schedule FILE)")
-    raise ResumeError(f"cannot resume: the schedule changed since this generation started (sha256 {was[:12]}... "
+    raise ScheduleError(f"cannot resume: the schedule changed since this generation started (sha256 {was[:12]}... "
                       f"-> {now[:12]}...); restore the file, or pass --overwrite to start over")
