@@ -30,7 +30,7 @@ def add_arguments(p) -> None:
     p.add_argument("--dst", required=True, help="output directory (config.json + params/)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "fp32", "bfloat16", "bf16"],
                    help="stored param dtype: auto (bfloat16 for a bf16 source, else float32), float32, bfloat16")
-    p.add_argument("--num-heads", type=int, default=None,
+    p.add_argument("--num_heads", type=int, default=None,
                    help="attention heads (default: config.json, else 16 for width 1280)")
 
 

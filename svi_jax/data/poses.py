@@ -223,10 +223,10 @@ def add_arguments(p):
                                     "to copy beside the skeletons")
     p.add_argument("--out", required=True, help="output folder (videos + .pose.mp4 + .keypoints.npz)")
     p.add_argument("--det", help="YOLOX person detector ONNX file (yolox_l.onnx)")
-    p.add_argument("--pose-model", "--pose_model", dest="pose_model",
+    p.add_argument("--pose_model", dest="pose_model",
                    help="DWPose whole-body ONNX file (dw-ll_ucoco_384.onnx)")
     p.add_argument("--keypoints", help="draw from extracted keypoints (.npz/.json per video) instead of DWPose")
-    p.add_argument("--max-frames", type=int, default=MAX_FRAMES, help="skip videos with this many frames or more "
+    p.add_argument("--max_frames", type=int, default=MAX_FRAMES, help="skip videos with this many frames or more "
                    "(official 2000; 0 = no limit)")
     p.add_argument("--crf", type=int, default=17)
     p.add_argument("--quiet", action="store_true")
