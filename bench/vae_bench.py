@@ -67,7 +67,7 @@ def _worker(a) -> dict:
 
 
 def measure(latent_frames: int, mode: str, height: int, width: int, tiny: bool) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--latent-frames", str(latent_frames),
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--latent_frames", str(latent_frames),
            "--mode", mode, "--height", str(height), "--width", str(width)] + (["--tiny"] if tiny else [])
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)

@@ -1,7 +1,7 @@
 """python -m svi_jax.data {build,synth,cache,show} ...
 
-  build  --videos DIR [--captions CSV --file-column C --caption-column C] --out DIR
-  synth  --out DIR [--num-videos 16 --num-frames 33 --height 64 --width 64 --seed 0]
+  build  --videos DIR [--captions CSV --file_column C --caption_column C] --out DIR
+  synth  --out DIR [--num_videos 16 --num_frames 33 --height 64 --width 64 --seed 0]
   cache  --dataset DIR --out DIR (--vae D --t5 D [--clip D --tokenizer D] | --config configs/x.py) [--windows 1]
   show   --dataset DIR [--num 5]
 """
@@ -47,7 +47,7 @@ def cmd_build(args) -> int:
     from svi_jax.data.scan import CaptionError
 
     if args.captions is None and (args.file_column or args.caption_column):
-        print("error: --file-column/--caption-column need --captions CSV", file=sys.stderr)
+        print("error: --file_column/--caption_column need --captions CSV", file=sys.stderr)
         return 2
     try:
         summary = build_dataset(

@@ -2,7 +2,7 @@
 
 From videos (DWPose on onnxruntime, ``scripts/data_preprocess/prepare_video_pose.py``)::
 
-  python -m svi_jax.data pose --videos raw/ --out dances/ --det yolox_l.onnx --pose-model dw-ll_ucoco_384.onnx
+  python -m svi_jax.data pose --videos raw/ --out dances/ --det yolox_l.onnx --pose_model dw-ll_ucoco_384.onnx
 
 or from keypoints extracted by any tool (``--keypoints DIR`` of ``<name>.npz`` / ``<name>.json``, see
 :func:`read_keypoints`)::
@@ -240,7 +240,7 @@ def run(args) -> int:
             s = draw_keypoint_dir(args.keypoints, args.out, args.videos, args.crf, not args.quiet)
         else:
             if not args.videos:
-                print("error: give --videos DIR (and --det, --pose-model), or --keypoints DIR", flush=True)
+                print("error: give --videos DIR (and --det, --pose_model), or --keypoints DIR", flush=True)
                 return 2
             s = extract(args.videos, args.out, args.det, args.pose_model, args.max_frames, args.crf, not args.quiet)
     except (PoseModelError, ImportError) as e:
