@@ -216,9 +216,9 @@ def _loras(v, source, line, base_dir, resolve) -> tuple:
 
 
 def resolve_clips(records: Sequence[_Record], defaults: Defaults, source: str, base_dir: str = ".",
-                  resolve=None, allow_loras: bool = True) -> list[Clip]:
+                  resolve=None, loras_refused: Optional[str] = None) -> list[Clip]:
     """Validated clips, omitted fields inherited from ``defaults`` (clip ``k``'s default seed is
-    ``defaults.seed + k * defaults.seed_times``)."""
+    ``defaults.seed + k * defaults.seed_times``); ``loras_refused``: why a ``loras`` field is refused here."""
     resolve = resolve or _exists
     clips = []
     for k, rec in enumerate(records):
@@ -273,9 +273,8 @@ def resolve_clips(records: Sequence[_Record], defaults: Defaults, source: str, b
             return m
 
         def loras(value, fl):
-            if not allow_loras:
-                raise _err(source, fl, "loras", "per-clip LoRAs are not supported for this model (SVI-Dance merges "
-                           "its pose adapter from --lora)")
+            if loras_refused:
+                raise _err(source, fl, "loras", loras_refused)
             return _loras(value, source, fl, base_dir, resolve)
 
         get("motion_frames", motion, None)
@@ -341,14 +340,14 @@ class Schedule:
 
 
 def parse(text: str, defaults: Defaults, source: str = "<schedule>", base_dir: str = ".", resolve=None,
-          allow_loras: bool = True) -> Schedule:
+          loras_refused: Optional[str] = None) -> Schedule:
     """A :class:`Schedule` from a schedule's text (see the module doc)."""
-    clips = resolve_clips(read_records(text, source), defaults, source, base_dir, resolve, allow_loras)
+    clips = resolve_clips(read_records(text, source), defaults, source, base_dir, resolve, loras_refused)
     return Schedule(source, hashlib.sha256(text.encode("utf-8")).hexdigest(), clips, defaults,
                     tuple(sorted({p for c in clips for p, _ in c.loras})))
 
 
-def load(path: str, defaults: Defaults, resolve=None, allow_loras: bool = True) -> Schedule:
+def load(path: str, defaults: Defaults, resolve=None, loras_refused: Optional[str] = None) -> Schedule:
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -360,7 +359,7 @@ def load(path: str, defaults: Defaults, resolve=None, allow_loras: bool = True) 
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ScheduleError(f"schedule {path} is not UTF-8 text: {e}") from None
-    s = parse(text, defaults, path, os.path.dirname(os.path.abspath(path)), resolve, allow_loras)
+    s = parse(text, defaults, path, os.path.dirname(os.path.abspath(path)), resolve, loras_refused)
     s.sha256 = hashlib.sha256(data).hexdigest()
     return s
 
@@ -445,7 +444,9 @@ def from_flags(FLAGS, config, cfg_scale: float) -> Schedule:
                         motion_frames=int(FLAGS.motion_frames if FLAGS.motion_frames is not None
                                           else config.data.get("num_motion_frames", 1)),
                         prompt_prefix=FLAGS.prompt_prefix)
-    s = load(FLAGS.schedule, defaults, resolve=resolve_lora, allow_loras=not config.model.get("pose_embedding", False))
+    dance = config.model.get("pose_embedding", False)
+    s = load(FLAGS.schedule, defaults, resolve=resolve_lora, loras_refused="per-clip LoRAs are not supported for "
+             "SVI-Dance (its pose adapter comes with the --lora it merges)" if dance else None)
     if FLAGS.num_clips:
         if FLAGS.num_clips > len(s.clips):
             raise ScheduleError(f"--num_clips {FLAGS.num_clips} but the schedule {FLAGS.schedule} has "

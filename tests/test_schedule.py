@@ -203,3 +203,22 @@ def test_cli_resume_with_a_schedule(env, sched_env, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("- prompt: a\n- prompt: b\n  keyframe: end.png\n")
     _one_error_line(_cli(env, str(tmp_path / "bad.mp4"), bad), "line 3", "'keyframe'", "not supported")
+
+
+def test_demo_runner_runs_a_pasted_schedule(env, tmp_path):
+    """The demo's job runner takes the same schedule path: per-clip seed/steps/CFG, the sampler restored after."""
+    pytest.importorskip("starlette")
+    from svi_jax.demo.jobs import Job, SamplerRunner
+
+    runner = SamplerRunner(lambda on_step: S.LongVideoSampler(env["config"], num_steps=STEPS, cfg_scale=5.0,
+                                                             on_step=on_step))
+    import shutil
+
+    job = Job(str(tmp_path), ["the red boat sails", "a cat"], 0, "reference.png",
+              schedule='{"prompt": "the red boat sails"}\n{"prompt": "a cat", "seed": 1234, "steps": 2, '
+                       '"cfg_scale": 1}\n')
+    shutil.copy(env["dir"] / "ref.png", job.image_path)
+    runner(job)
+    side = json.load(open(tmp_path / "out.json"))
+    assert [(c["seed"], c["steps"], c["cfg_scale"]) for c in side["clips"]] == [(0, STEPS, 5.0), (1234, 2, 1.0)]
+    assert len(job.clips) == 2 and (runner.sampler.num_steps, runner.sampler.cfg_scale) == (STEPS, 5.0)
