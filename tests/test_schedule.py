@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -212,8 +213,6 @@ def test_demo_runner_runs_a_pasted_schedule(env, tmp_path):
 
     runner = SamplerRunner(lambda on_step: S.LongVideoSampler(env["config"], num_steps=STEPS, cfg_scale=5.0,
                                                              on_step=on_step))
-    import shutil
-
     job = Job(str(tmp_path), ["the red boat sails", "a cat"], 0, "reference.png",
               schedule='{"prompt": "the red boat sails"}\n{"prompt": "a cat", "seed": 1234, "steps": 2, '
                        '"cfg_scale": 1}\n')

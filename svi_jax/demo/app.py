@@ -3,7 +3,7 @@
 =======  =============================  ===========================================================================
 GET      ``/``                          the page (``static/index.html`` + ``demo.js`` + ``demo.css``)
 GET      ``/api/info``                  model, clip size, sampling settings, limits, whether the models are loaded
-POST     ``/api/jobs``                  multipart form: ``image`` (file), ``prompts`` (text), ``num_clips``, ``seed``
+POST     ``/api/jobs``                  multipart form: ``image`` (file), ``prompts`` or ``schedule`` (text), ``num_clips``, ``seed``
 GET      ``/api/jobs``, ``/api/jobs/ID``  the jobs / one job (status, clips with timings)
 GET      ``/api/jobs/ID/events``        server-sent events: ``status``, ``step``, ``clip``, ``warning`` (replayed from
                                         the start, or from ``Last-Event-ID`` when the browser reconnects)
