@@ -168,8 +168,9 @@ def print_help(argv: Sequence[str], out=None) -> None:
 
     out = out or sys.stdout
     text = flags.FLAGS.main_module_help() if "--helpfull" not in argv else str(flags.FLAGS)
-    print(f"usage: python -m {os.path.basename(os.path.dirname(os.path.abspath(sys.argv[0])))}."
-          f"{os.path.splitext(os.path.basename(sys.argv[0]))[0]} --config FILE [flags]\n", file=out)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rel = os.path.splitext(os.path.relpath(os.path.abspath(sys.argv[0]), root))[0].replace(os.sep, ".")
+    print(f"usage: python -m {rel.removesuffix('.__main__')} --config FILE [flags]\n", file=out)
     print(text.strip() + "\n", file=out)
     try:
         spec, config = _config_for_help(argv)
