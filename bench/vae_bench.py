@@ -22,6 +22,8 @@ import subprocess
 import sys
 import time
 
+from svi_jax import cli as _cli
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHORT, LONG = 1 + 20, 1 + 80  # latent frames <-> 1+4*20 = 81 and 1+4*80 = 321 video frames
 
@@ -65,7 +67,7 @@ def _worker(a) -> dict:
 
 
 def measure(latent_frames: int, mode: str, height: int, width: int, tiny: bool) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--latent-frames", str(latent_frames),
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--latent_frames", str(latent_frames),
            "--mode", mode, "--height", str(height), "--width", str(width)] + (["--tiny"] if tiny else [])
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -95,13 +97,13 @@ def run(quick: bool, height: int | None = None, width: int | None = None) -> dic
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny config and size")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--latent-frames", type=int, default=SHORT, help=argparse.SUPPRESS)
+    p.add_argument("--latent_frames", type=int, default=SHORT, help=argparse.SUPPRESS)
     p.add_argument("--mode", default="decode", choices=("decode", "iter", "whole"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:

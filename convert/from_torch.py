@@ -27,6 +27,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from svi_jax import cli as _cli  # noqa: E402
+
 # kind -> module in svi_jax.convert providing add_arguments(parser) and run(args)
 KINDS = {
     "dit": ("svi_jax.convert.dit", "Wan2.1 DiT (official or diffusers layout)"),
@@ -43,7 +45,7 @@ KINDS = {
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="convert/from_torch.py", description=__doc__,
+    parser = _cli.ArgumentParser(prog="convert/from_torch.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="kind", required=True, metavar="KIND")
     mods = {}

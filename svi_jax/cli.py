@@ -13,6 +13,7 @@ does is replaced by a neutral explanation.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -122,12 +123,76 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
     return guard(lambda: main(strip_debug(argv)), debug_enabled(argv))
 
 
+HELP_FLAGS = ("--help", "-h", "-?", "--helpshort", "--helpfull")
+DEFAULT_HELP_CONFIG = "configs/tiny.py"
+
+
+def _config_for_help(argv: Sequence[str]):
+    """``(path, ConfigDict)`` of ``--config`` in ``argv`` (``PATH[:ARG]``), else of :data:`DEFAULT_HELP_CONFIG`."""
+    import importlib.util
+
+    spec = DEFAULT_HELP_CONFIG
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            spec = a.split("=", 1)[1]
+        elif a == "--config" and i + 1 < len(argv):
+            spec = argv[i + 1]
+    path, _, arg = spec.partition(":")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isfile(path) and os.path.isfile(os.path.join(root, path)):
+        path = os.path.join(root, path)
+    for d in (root, os.getcwd()):
+        if d not in sys.path:
+            sys.path.insert(0, d)
+    mod_spec = importlib.util.spec_from_file_location("_help_config", path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    return spec, (mod.get_config(arg) if arg else mod.get_config())
+
+
+def config_fields(config, prefix: str = "config") -> list[tuple[str, object]]:
+    """Every leaf field of a ConfigDict as ``(dotted name, value)``, in order."""
+    out = []
+    for k, v in config.items():
+        name = f"{prefix}.{k}"
+        if hasattr(v, "items") and hasattr(v, "to_dict"):
+            out += config_fields(v, name)
+        else:
+            out.append((name, v))
+    return out
+
+
+def print_help(argv: Sequence[str], out=None) -> None:
+    """The command's flags, then every ``--config.a.b`` field with its value in the config given (or the tiny one)."""
+    from absl import flags
+
+    out = out or sys.stdout
+    text = flags.FLAGS.main_module_help() if "--helpfull" not in argv else str(flags.FLAGS)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rel = os.path.splitext(os.path.relpath(os.path.abspath(sys.argv[0]), root))[0].replace(os.sep, ".")
+    print(f"usage: python -m {rel.removesuffix('.__main__')} --config FILE [flags]\n", file=out)
+    print(text.strip() + "\n", file=out)
+    try:
+        spec, config = _config_for_help(argv)
+    except Exception as e:  # a help request never fails on the config: say why the fields are missing
+        print(f"config fields: cannot load the config ({message(e)})", file=out)
+        return
+    print(f"config fields (override any with --config.a.b=value; values of {spec}):", file=out)
+    for name, value in config_fields(config):
+        shown = repr(value)
+        print(f"  --{name}={shown if len(shown) <= 70 else shown[:67] + '...'}", file=out)
+
+
 def absl_run(main: Callable[[list[str]], int], define_flags: Callable[[], None]) -> None:
-    """``absl.app.run`` with one-line flag errors (a typo in ``--config.x=...``) and :func:`guard`."""
+    """``absl.app.run`` with one-line flag errors (a typo in ``--config.x=...``) and :func:`guard`; ``--help``
+    prints the flags and the config fields and exits 0."""
     from absl import app, flags
 
     debug = debug_enabled(sys.argv[1:])
     define_flags()
+    if any(a in HELP_FLAGS for a in sys.argv[1:]):
+        print_help(sys.argv[1:])
+        sys.exit(0)
 
     def parse(argv):
         try:
@@ -145,3 +210,25 @@ def absl_run(main: Callable[[list[str]], int], define_flags: Callable[[], None])
             sys.exit(2)
 
     app.run(lambda argv: sys.exit(guard(lambda: main(argv), debug)), flags_parser=parse)
+
+
+def snake_case_argv(argv: Sequence[str]) -> list[str]:
+    """``--foo-bar[=v]`` -> ``--foo_bar[=v]`` (up to a ``--``): every command's flags are ``--snake_case``; the dashed
+    spellings of earlier releases stay accepted, unlisted, so scripts that use them keep working."""
+    out = list(argv)
+    for i, a in enumerate(out):
+        if a == "--":
+            break
+        if a.startswith("--") and len(a) > 2 and "-" in a[2:].partition("=")[0]:
+            name, eq, value = a[2:].partition("=")
+            out[i] = "--" + name.replace("-", "_") + eq + value
+    return out
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` that reads dashed long flags as their ``--snake_case`` names
+    (:func:`snake_case_argv`); subcommand parsers made by ``add_subparsers`` are of this class too."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else args
+        return super().parse_known_args(snake_case_argv(args), namespace)

@@ -4,7 +4,8 @@
 As ``train_svi_dance.py``:
 
 * both the LoRA and ``dwpose_embedding`` are trained (optimizer L1272-1276), initialised from
-  ``config.dance.adapter`` (``--pretrained_lora_path UniAnimate-Wan2.1-14B-Lora-12000.ckpt``, L985-1014). Here the
+  ``config.dance.adapter`` (``--pretrained_lora_path UniAnimate-Wan2.1-14B-Lora-12000.ckpt``, L985-1014; its B
+  divided by ``alpha / rank``, so the run starts from the adapter's model for any alpha). Here the
   trained pose module rides in the ``lora`` collection under ``dwpose_embedding`` (one trainable tree, one
   optimizer state, one checkpoint entry) and is moved into ``params`` for the forward pass;
 * the pose condition -- the embedding's *output* -- is zeroed when either of two independent draws hits
@@ -53,7 +54,10 @@ def init_trainable(config, dit_params: dict, lora: dict) -> dict:
             raise ConfigError(f"config.lora.rank = {config.lora.rank} but the adapter {adapter} has rank "
                               f"{info['rank']}")
         dt = dtype_of(config.lora.dtype)
-        lora = jax.tree.map(lambda a: jnp.asarray(a, dt), lora_a)
+        # the file is the model W + B @ A (strength 1); training computes x W + s (x A) B with s = alpha / rank:
+        # B / s starts the run from the adapter's model, and the export (B * s) gives the file back
+        lora = jax.tree.map(lambda a: jnp.asarray(a, dt),
+                            fold_scale(lora_a, float(config.lora.rank) / float(config.lora.alpha)))
     return {**lora, POSE: jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), pose)}
 
 
@@ -104,7 +108,8 @@ def suppress_y_error(y_in, y_null):
 
 def fold_scale(lora_collection: dict, scale: float) -> dict:
     """The collection with the training scale ``alpha / rank`` folded into every LoRA ``b`` (the file format has no
-    alpha; the official merge is ``W += B @ A`` at strength 1). The pose module is left as it is."""
+    alpha; the official merge is ``W += B @ A`` at strength 1). The pose module is left as it is. ``rank / alpha``
+    undoes it (an adapter file read into a run, :func:`init_trainable`)."""
     if scale == 1.0:
         return lora_collection
     import jax

@@ -37,6 +37,8 @@ import re
 import sys
 import time
 
+from svi_jax import cli as _cli
+
 CHIPS = {  # HBM bytes, dense bf16 FLOP/s
     "v5p": {"hbm_gb": 95.0, "bf16_tflops": 459.0},
     "v5e": {"hbm_gb": 16.0, "bf16_tflops": 197.0},
@@ -61,7 +63,7 @@ def parse_mesh(text: str) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m svi_jax.plan", description=__doc__.split("\n\n")[0],
+    p = _cli.ArgumentParser(prog="python -m svi_jax.plan", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="training config file, e.g. configs/shot.py")
     p.add_argument("--devices", type=int, required=True, help="number of (fake) devices")
@@ -76,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", default="", help="override the config's attention implementation (default: "
                    "the config's, as the trainer builds it; 'auto' resolves to the target's fused kernel, splash on "
                    "TPU); the report records an override")
-    p.add_argument("--remat-policies", default="", help="also compile the step with each of these remat policies "
+    p.add_argument("--remat_policies", default="", help="also compile the step with each of these remat policies "
                    "(comma list, or 'all' = full,save_attention,offload_attention) and report their memory")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set erft.capacity=250 --set model.num_layers=2")

@@ -23,7 +23,6 @@ timings, frame layout) and the work directory ``OUT.mp4.parts/`` (one mp4 segmen
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
 import hashlib
 import json
@@ -40,6 +39,8 @@ import numpy as np
 
 from svi_jax import video_io
 from svi_jax.conditioning import build_y
+from svi_jax.prompts import (PromptFileError, clip_seed, load_prompts, parse_prompts,  # noqa: F401 (API)
+                             schedule_prompts)
 from svi_jax.sampler import NEGATIVE_PROMPT, make_sampler, resolve_cfg_batch
 
 log = logging.getLogger("svi_jax.sample")
@@ -48,93 +49,8 @@ STATE_VERSION = 1
 DEFAULT_PROMPT_NAME = "prompts"
 
 
-class PromptFileError(ValueError):
-    """A prompt file that cannot be read as a prompt list."""
-
-
 class ResumeError(RuntimeError):
     """``--resume`` cannot continue this generation (missing state, or different settings)."""
-
-
-# ------------------------------------------------------------------------------------------------ prompts
-
-
-def parse_prompts(text: str, source: str = "<prompts>") -> list[str]:
-    """Prompts from a file's text: a Python-style list (``prompts = [...]`` or a bare ``[...]``, parsed as a
-    literal, never executed), or one prompt per line with blank lines and ``#`` comment lines skipped."""
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    m = re.search(r"^\s*(?:prompts\s*=\s*)?\[", text, flags=re.M)
-    stripped = "\n".join(l for l in text.splitlines() if l.strip() and not l.strip().startswith("#"))
-    if m and (re.search(r"^\s*prompts\s*=\s*\[", text, flags=re.M) or stripped.lstrip().startswith("[")):
-        expr = text[m.start():]
-        expr = expr[expr.index("["):]
-        try:
-            value = ast.literal_eval(expr.strip())
-        except (SyntaxError, ValueError) as e:
-            where = f" (line {text[:m.start()].count(chr(10)) + getattr(e, 'lineno', 1) or 1})" \
-                if isinstance(e, SyntaxError) else ""
-            raise PromptFileError(f"{source}: the prompt list is not a valid Python list of strings{where}: "
-                                  f"{e.__class__.__name__}: {getattr(e, 'msg', e)}") from None
-        if not isinstance(value, (list, tuple)):
-            raise PromptFileError(f"{source}: expected a list of strings, got {type(value).__name__}")
-        bad = [i for i, p in enumerate(value) if not isinstance(p, str)]
-        if bad:
-            raise PromptFileError(f"{source}: prompt list item {bad[0]} is a {type(value[bad[0]]).__name__}, "
-                                  f"not a string")
-        prompts = [p.strip() for p in value]
-        if any(not p for p in prompts):
-            raise PromptFileError(f"{source}: prompt list item {prompts.index('')} is empty")
-    else:
-        prompts = [l.strip() for l in text.splitlines() if l.strip() and not l.strip().startswith("#")]
-    if not prompts:
-        raise PromptFileError(f"{source}: no prompts (blank lines and '#' comments are skipped)")
-    return prompts
-
-
-def load_prompts(path: str) -> list[str]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise PromptFileError(f"prompt file {path} does not exist") from None
-    except UnicodeDecodeError as e:
-        raise PromptFileError(f"prompt file {path} is not UTF-8 text: {e}") from None
-    return parse_prompts(text, path)
-
-
-def schedule_prompts(prompts: Sequence[str], num_clips: int = 0, repeat: int = 1, keep_first: bool = False,
-                     cycle: bool = False, prefix: str = "") -> list[str]:
-    """The prompt of every clip, as ``test_svi.py``: prompt ``k // repeat`` (each prompt ``repeat`` times), or the
-    first prompt for all ``num_clips`` clips. ``num_clips = 0``: one clip per scheduled prompt. Without ``cycle``
-    the schedule stops at the end of the list (official); with it, it wraps around."""
-    if not prompts:
-        raise PromptFileError("no prompts")
-    if repeat < 1:
-        raise ValueError(f"repeat_prompt must be >= 1, got {repeat}")
-    if num_clips < 0:
-        raise ValueError(f"num_clips must be >= 0, got {num_clips}")
-    if keep_first:
-        if num_clips == 0:
-            raise ValueError("--keep_first_prompt needs --num_clips (how many clips to generate)")
-        out = [prompts[0]] * num_clips
-    else:
-        available = len(prompts) * repeat
-        n = num_clips or available
-        if not cycle and n > available:
-            log.warning("%d clips asked for but the prompt schedule has %d (%d prompts x %d): generating %d "
-                        "(--cycle_prompts wraps around, --keep_first_prompt reuses the first)",
-                        n, available, len(prompts), repeat, available)
-            n = available
-        out = [prompts[(k // repeat) % len(prompts)] for k in range(n)]
-    if prefix:
-        out = [f"{prefix}, {p}" for p in out]
-    return out
-
-
-def clip_seed(seed: int, k: int, seed_times: int = 42) -> int:
-    """Seed of clip ``k``: ``seed + k * seed_times`` (the official script uses ``k * seed_times``)."""
-    return int(seed) + int(k) * int(seed_times)
 
 
 # ------------------------------------------------------------------------------------------------ images
@@ -212,7 +128,7 @@ class LongVideoSampler:
                  shift: float = 5.0, cfg_scale: float = 5.0, solver: str = "euler", chain: str = "pixel",
                  motion_frames: Optional[int] = None, pad: Optional[str] = None, negative_prompt: str = NEGATIVE_PROMPT,
                  dit_params=None, dit_config=None, on_step: Optional[Callable[[int], None]] = None,
-                 cfg_batch: Optional[bool] = None, streams: Sequence = (), mesh=None):
+                 cfg_batch: Optional[bool] = None, streams: Sequence = (), mesh=None, keep_base: bool = False):
         from svi_jax import pipeline
         from svi_jax.models.dit import DiTConfig
 
@@ -246,17 +162,8 @@ class LongVideoSampler:
             from svi_jax.train import load_frozen_params
 
             dit_params = load_frozen_params(config, jax.random.key(int(config.train.seed)))
-        if lora:                                         # one or more PATH[:STRENGTH], merged in order
-            from svi_jax.lora_formats import LoraSpec, merge_stack, parse_specs
-
-            specs = parse_specs(lora, float(lora_scale))
-            if self.dit_config.pose_embedding:           # SVI-Dance: the first is the LoRA + dwpose_embedding
-                from svi_jax.dance import merge_adapter
-
-                dit_params = merge_adapter(dit_params, resolve_lora(specs[0].path), scale=specs[0].strength)
-                specs = specs[1:]
-            dit_params = merge_stack(dit_params, [LoraSpec(resolve_lora(x.path), x.strength) for x in specs])
-        self.params = dit_params
+        self.base_params = dit_params if keep_base else None        # per-clip LoRA sets merge into the base
+        self.params = self.merge_loras(dit_params, lora, lora_scale) if lora else dit_params
 
         self.codec = pipeline.Codec.from_config(config)
         self.t5_cfg, self.t5_params, self.tokenizer = pipeline.make_text_encoder(config)
@@ -275,11 +182,9 @@ class LongVideoSampler:
                                                  if mesh is not None else (None, self.dit_config, cfg_batch))
         self.attention = sample_mesh.resolved_attention(self.dit_config, self.mesh)
         self.cfg_batch = resolve_cfg_batch(cfg_batch)
-        self.sample_fn = make_sampler(self.dit_config, self.num_steps, self.shift, self.cfg_scale, solver,
-                                      cfg_batch=self.cfg_batch, on_step=on_step, jit=self.mesh is None)
-        if self.mesh is not None:
-            self.sample_fn = sample_mesh.MeshSampler(self.sample_fn, self.mesh, self.dit_config, self.params)
-            self.params = self.sample_fn.place(self.params)
+        self.on_step = on_step
+        self.sample_fn = self.make_sample_fn(self.num_steps, self.cfg_scale, self.solver)
+        self.params = self.place(self.params)
         log.info("attention: %s -> %s", self.dit_config.attention, self.attention)
         self._text = jax.jit(self._text_fn)
         self._cond = jax.jit(self._cond_fn)
@@ -288,6 +193,30 @@ class LongVideoSampler:
         self._text_cache: dict[str, jax.Array] = {}
         self._base_latents = None
         self.compile_s: Optional[float] = None
+
+    def merge_loras(self, dit_params, lora, lora_scale: float = 1.0):
+        """``dit_params`` with the LoRAs ``lora`` (``PATH[:STRENGTH]`` strings or specs) merged in order."""
+        from svi_jax.lora_formats import LoraSpec, merge_stack, parse_specs
+
+        specs = parse_specs(lora, float(lora_scale))
+        if self.dit_config.pose_embedding and specs:  # SVI-Dance: the first is the LoRA + dwpose_embedding
+            from svi_jax.dance import merge_adapter
+
+            dit_params = merge_adapter(dit_params, resolve_lora(specs[0].path), scale=specs[0].strength)
+            specs = specs[1:]
+        return merge_stack(dit_params, [LoraSpec(resolve_lora(x.path), x.strength) for x in specs])
+
+    def make_sample_fn(self, num_steps: int, cfg_scale: float, solver: str):
+        """The compiled denoising loop for these settings (on the sampler's mesh, if any)."""
+        from svi_jax import sample_mesh
+
+        fn = make_sampler(self.dit_config, int(num_steps), self.shift, float(cfg_scale), solver,
+                          cfg_batch=self.cfg_batch, on_step=self.on_step, jit=self.mesh is None)
+        return fn if self.mesh is None else sample_mesh.MeshSampler(fn, self.mesh, self.dit_config, self.params)
+
+    def place(self, params):
+        """DiT params where the sampler runs them (split over the mesh, if any)."""
+        return params if self.mesh is None else self.sample_fn.place(params)
 
     # ---------------------------------------------------------------- pure pieces
     def _text_fn(self, params, ids, mask):
@@ -552,13 +481,15 @@ def generate(sampler: LongVideoSampler, reference_u8: np.ndarray, prompts: Seque
              seed: int = 0, seed_times: int = 42, inputs: Optional[dict] = None, resume: bool = False,
              overwrite: bool = False, repeat_first_clip: bool = False, save_clips: bool = False,
              lossless: bool = False, fps: float = 24.0, crf: int = 17, progress: bool = True,
-             step_bar: Optional["StepBar"] = None, on_clip: Optional[Callable[[int], None]] = None) -> dict:
+             step_bar: Optional["StepBar"] = None, on_clip: Optional[Callable[[int], None]] = None,
+             clip_setup: Optional[Callable[[int], tuple[int, dict]]] = None) -> dict:
     """Generate ``len(prompts)`` clips (prompt ``k`` for clip ``k``) into ``out``; returns the sidecar dict.
 
     After every clip: the clip's new frames become a segment, the state is committed (``state.json`` replaced
     atomically; it names the carried frames/latents file), then the stitched mp4 and the sidecar JSON are
     replaced atomically. ``resume=True`` continues from the committed state (settings must match; the number of
-    clips and the prompts of clips not yet generated may change).
+    clips and the prompts of clips not yet generated may change). ``clip_setup(k) -> (seed, record entries)``
+    (a per-clip schedule, :class:`svi_jax.schedule.ClipRunner`) sets the sampler up for clip ``k`` first.
     """
     from tqdm import tqdm
 
@@ -621,8 +552,10 @@ def generate(sampler: LongVideoSampler, reference_u8: np.ndarray, prompts: Seque
                     disable=not progress, dynamic_ncols=True)
     try:
         for k in range(state.clip, num_clips):
-            prompt, s = prompts[k], clip_seed(seed, k, seed_times)
+            prompt, s, extra = prompts[k], clip_seed(seed, k, seed_times), {}
             t0 = time.perf_counter()
+            if clip_setup is not None:
+                s, extra = clip_setup(k)
             y, clip_fea = sampler.conditioning(state, reference_u8)
             jax.block_until_ready(y)
             t1 = time.perf_counter()
@@ -652,7 +585,7 @@ def generate(sampler: LongVideoSampler, reference_u8: np.ndarray, prompts: Seque
             rec = {"clip": k, "prompt": prompt, "seed": s, "frames": [start, start + sampler.T],
                    "timings": {"condition_s": round(t1 - t0, 4), "sample_s": round(t2 - t1, 4),
                                "s_per_step": round((t2 - t1) / sampler.num_steps, 5),
-                               "decode_s": round(t3 - t2, 4)}, **sampler.clip_record(k)}
+                               "decode_s": round(t3 - t2, 4)}, **sampler.clip_record(k), **extra}
             for stream in sampler.streams:
                 rec.update(stream.record(k))
             records = records[:k] + [rec]
@@ -726,19 +659,27 @@ def main(argv) -> int:
         raise SystemExit(f"unexpected arguments: {argv[1:]}")
     quiet_logs()
     config = FLAGS.config
+    defaults = config.get("sample", {})          # per-variant defaults of flags not given (e.g. Dance: CFG 2, 25 fps)
+    cfg_scale = FLAGS.cfg_scale if FLAGS["cfg_scale"].present else float(defaults.get("cfg_scale", FLAGS.cfg_scale))
+    plan = None                                  # --schedule: per-clip settings (svi_jax.schedule)
     try:
-        if FLAGS.prompt is not None and FLAGS.prompts:
+        if FLAGS.schedule:
+            from svi_jax import schedule as schedule_lib
+
+            prompts = (plan := schedule_lib.from_flags(FLAGS, config, cfg_scale)).prompts
+        elif FLAGS.prompt is not None and FLAGS.prompts:
             raise PromptFileError("give either --prompts FILE or --prompt TEXT, not both")
-        if FLAGS.prompt is not None:
+        elif FLAGS.prompt is not None:
             if not FLAGS.prompt.strip():
                 raise PromptFileError("--prompt is empty (as an empty item of a prompt file is): give a prompt")
             prompts = [FLAGS.prompt]
         elif FLAGS.prompts:
             prompts = load_prompts(FLAGS.prompts)
         else:
-            raise PromptFileError("give --prompts FILE or --prompt TEXT")
-        schedule = schedule_prompts(prompts, FLAGS.num_clips, FLAGS.repeat_prompt, FLAGS.keep_first_prompt,
-                                    FLAGS.cycle_prompts, FLAGS.prompt_prefix)
+            raise PromptFileError("give --prompts FILE, --prompt TEXT or --schedule FILE")
+        schedule = plan.prompts if plan else schedule_prompts(prompts, FLAGS.num_clips, FLAGS.repeat_prompt,
+                                                              FLAGS.keep_first_prompt, FLAGS.cycle_prompts,
+                                                              FLAGS.prompt_prefix)
         from svi_jax import output_size
 
         size = output_size.choose(config, FLAGS.image, FLAGS.height, FLAGS.width, FLAGS.max_width)
@@ -761,12 +702,16 @@ def main(argv) -> int:
     inputs = {"image_sha256": file_sha256(FLAGS.image), "lora": None, "lora_scale": float(FLAGS.lora_scale),
               "size": size.record(),
               **stream_inputs, **(talk.inputs if talk else {})}
-    defaults = config.get("sample", {})          # per-variant defaults of flags not given (e.g. Dance: CFG 2, 25 fps)
-    cfg_scale = FLAGS.cfg_scale if FLAGS["cfg_scale"].present else float(defaults.get("cfg_scale", FLAGS.cfg_scale))
     fps = FLAGS.fps if FLAGS["fps"].present else float(defaults.get("fps", FLAGS.fps))
     shift = FLAGS.shift if FLAGS.shift is not None else float(config.erft.shift)   # the shift it was trained at
     try:
         preflight(FLAGS.out, FLAGS.resume, FLAGS.overwrite)
+        if plan is not None or FLAGS.resume:
+            from svi_jax.schedule import check_resume
+
+            if FLAGS.resume:
+                check_resume(FLAGS.out, plan)
+            inputs.update(plan.inputs(file_sha256) if plan else {})
         if FLAGS.lora:
             from svi_jax.lora_formats import parse_specs
 
@@ -791,7 +736,8 @@ def main(argv) -> int:
                                        num_steps=FLAGS.num_steps, shift=shift, cfg_scale=cfg_scale,
                                        solver=FLAGS.solver, chain=FLAGS.chain, motion_frames=FLAGS.motion_frames,
                                        pad=FLAGS.pad, negative_prompt=FLAGS.negative_prompt, on_step=bar,
-                                       cfg_batch=FLAGS.cfg_batch, streams=streams, mesh=FLAGS.mesh)
+                                       cfg_batch=FLAGS.cfg_batch, streams=streams, mesh=FLAGS.mesh,
+                                       keep_base=plan is not None and plan.needs_base)
         from svi_jax.prompt_checks import warn_long_prompts
 
         warn_long_prompts(sampler.tokenizer, schedule)
@@ -799,7 +745,8 @@ def main(argv) -> int:
                            inputs=inputs, resume=FLAGS.resume, overwrite=FLAGS.overwrite,
                            repeat_first_clip=FLAGS.repeat_first_clip, save_clips=FLAGS.save_clips,
                            lossless=FLAGS.lossless, fps=talk.fps if talk else fps, crf=FLAGS.crf,
-                           progress=FLAGS.progress, step_bar=bar, on_clip=talk.on_clip if talk else None)
+                           progress=FLAGS.progress, step_bar=bar, on_clip=talk.on_clip if talk else None,
+                           clip_setup=plan.runner(sampler) if plan else None)
         if talk is not None:
             talk.finish()
     except (ResumeError, FileNotFoundError, ValueError) as e:
@@ -832,7 +779,11 @@ def _define_flags():
                         "applied). Resized to the output size (printed; stored in OUT.json).")
     flags.DEFINE_string("prompts", None, "Prompt file: a Python-style list (prompts = [\"...\", ...]) or one prompt "
                         "per line ('#' comment lines and blank lines skipped). UTF-8.")
-    flags.DEFINE_string("prompt", None, "A single prompt instead of --prompts.")
+    flags.DEFINE_string("prompt", None, "A single prompt instead of --prompts (with --schedule: the prompt of clips "
+                        "that set none).")
+    flags.DEFINE_string("schedule", None, "Per-clip schedule, JSON Lines or YAML, one record per clip: prompt, "
+                        "negative_prompt, seed, steps, cfg_scale, solver, loras [{path, strength}] (omitted fields "
+                        "inherit from these flags; schema in docs/sampling.md). Instead of --prompts.")
     flags.DEFINE_string("audio", None, "SVI-Talk (configs/talk.py): the speech (wav/mp3/flac/m4a, or a video's audio "
                         "track). The number of clips follows its length (unless --num_clips); it is muxed into --out.")
     flags.DEFINE_float("cfg_scale_audio", 5.0, "SVI-Talk audio guidance scale (official 5; the text scale is "

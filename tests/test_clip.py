@@ -179,7 +179,7 @@ def test_bad_checkpoints(ref, tmp_path, capsys):
             conv.convert(str(path), **kw)
         return str(e.value)
 
-    assert "--num-heads" in attempt(sd, "noheads")                     # width 48: head count unknown
+    assert "--num_heads" in attempt(sd, "noheads")                     # width 48: head count unknown
     missing = {k: v for k, v in sd.items() if k != "visual.transformer.1.mlp.2.bias"}
     assert "visual.transformer.1.mlp.2.bias" in attempt(missing, "missing", num_heads=3)
     bad = dict(sd, **{"visual.transformer.0.attn.to_qkv.weight": torch.zeros(3 * 48 + 3, 48)})

@@ -76,12 +76,19 @@ def test_condition_dropout_rates():
         dance_train.condition(c, {k: v for k, v in inputs.items() if k != "pose"}, jax.random.key(0))
 
 
+def _scaled_b(lora, s):
+    """A LoRA tree with every up-projection ``b`` times ``s`` (written here, not dance_train.fold_scale)."""
+    return {k: ({"a": np.asarray(v["a"]), "b": np.asarray(v["b"]) * s} if set(v) == {"a", "b"} else _scaled_b(v, s))
+            for k, v in lora.items()}
+
+
 def test_tiny_dance_training_trains_lora_and_pose(dataset, tmp_path):
     from svi_jax.convert.dance import export_file, load_adapter
     from svi_jax import lora as lora_lib
 
     c = _config()
     c.data.dataset = dataset
+    c.lora.update(rank=4, alpha=8)   # alpha != rank: training scales the LoRA by 2; import and export must undo it
     # a UniAnimate-style adapter to start from (random LoRA + pose module, official file layout)
     base = train_lib.load_frozen_params(c, jax.random.key(0))
     lora0 = jax.tree.map(lambda a: a + 0.01, lora_lib.init_lora(base, jax.random.key(1), c.lora.rank))
@@ -90,10 +97,12 @@ def test_tiny_dance_training_trains_lora_and_pose(dataset, tmp_path):
     c.dance.adapter = str(tmp_path / "unianimate.ckpt")
     t = train_lib.Trainer(c, str(tmp_path / "run"))
     start = jax.tree.map(np.array, t.state["lora"])
+    # initialised from the adapter: the pose module as it is, B / (alpha / rank) so that x W + 2 (x A) B is the
+    # adapter's model W + B @ A
     for got, want in ((start["dwpose_embedding"], pose0), ({k: v for k, v in start.items() if k != "dwpose_embedding"},
-                                                           lora0)):
+                                                           _scaled_b(lora0, 0.5))):
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-            np.testing.assert_allclose(a, np.asarray(b), rtol=1e-6)   # initialised from the adapter
+            np.testing.assert_allclose(a, np.asarray(b), rtol=1e-6)
     frozen = jax.tree.map(np.array, t.state["params"]["dit"])
     summary = t.run(num_steps=3, progress=False)
     t.close()
@@ -108,4 +117,8 @@ def test_tiny_dance_training_trains_lora_and_pose(dataset, tmp_path):
     lora, pose, info = load_adapter(summary["lora_file"])          # the SVI-Dance export reads back
     for a, b in zip(jax.tree.leaves(pose), jax.tree.leaves(end["dwpose_embedding"])):
         np.testing.assert_allclose(np.asarray(a), b, rtol=1e-6)
+    trained = _scaled_b({k: v for k, v in end.items() if k != "dwpose_embedding"}, 2.0)   # B * alpha / rank
+    assert set(flatten(lora)) == set(flatten(trained))
+    for k, v in flatten(trained).items():
+        np.testing.assert_allclose(np.asarray(flatten(lora)[k]), v, rtol=1e-6)
     assert info["rank"] == c.lora.rank

@@ -2,6 +2,8 @@
 (Starlette's test client) on a stand-in runner. The real runner (svi_jax.sample.generate on the tiny model) is driven
 from a real browser in tests/test_demo_browser.py."""
 import io
+import json
+import os
 import threading
 import time
 
@@ -218,7 +220,7 @@ def client(tmp_path):
     q = JobQueue(lambda: runner, max_queued=1)
     app = create_app(q, str(tmp_path), LIMITS, {"config": "fake"})
     with TestClient(app) as c:
-        c.runner, c.queue = runner, q
+        c.runner, c.queue, c.workdir = runner, q, str(tmp_path)
         yield c
     q.close()
 
@@ -270,3 +272,24 @@ def test_api_runs_queues_stops_and_resumes(client):
     wait_for(lambda: client.get(f"/api/jobs/{first['id']}").json()["status"] == "done")
     assert client.get(f"/api/jobs/{first['id']}").json()["done"] == 3
     assert client.get(f"/api/jobs/{first['id']}/video.mp4").status_code == 404     # the fake writes no video
+
+
+def test_api_takes_a_schedule_validated_as_the_cli_does(client):
+    r = post_job(client, prompts="", schedule='{"prompt": "x"}\n{"prompt": "y", "seed": 3, "steps": 2}\n')
+    assert r.status_code == 201, r.text
+    job = r.json()
+    assert job["prompts"] == ["x", "y"]
+    saved = json.load(open(os.path.join(client.workdir, "jobs", job["id"], "job.json")))
+    assert saved["schedule"].startswith('{"prompt": "x"}')           # the runner re-reads it (and on resume)
+    r = post_job(client, prompts="", num_clips="1", schedule="- prompt: only the first\n- prompt: second\n")
+    assert r.status_code == 201 and r.json()["prompts"] == ["only the first"]
+    for kwargs, msg in [
+        ({"schedule": '{"prompt": "x"}\n{"prompt": "y", "cfg_scale": "high"}'}, "line 2, field 'cfg_scale'"),
+        ({"schedule": '{"prompt": "x", "keyframe": "end.png"}'}, "keyframes are not supported"),
+        ({"schedule": '{"prompt": "x", "loras": [{"path": "/etc/passwd"}]}'}, "not available in the demo"),
+        ({"schedule": '{"prompt": "x"}', "prompts": "a"}, "either a prompt stream or a schedule"),
+        ({"schedule": '{"prompt": "x"}', "prompts": "", "num_clips": "2"}, "the schedule has 1 clips"),
+    ]:
+        kwargs.setdefault("prompts", "")
+        r = post_job(client, **kwargs)
+        assert r.status_code == 400 and msg in r.json()["error"], r.text

@@ -305,12 +305,8 @@ def test_in_memory_rollout_equals_the_generated_video(env, shot_run):
     np.testing.assert_array_equal(env["shot"].rollout(env["ref"], schedule, seed=0), S.Output(out).read_lossless())
 
 
-def test_stitched_video_is_the_clips_concatenated(env, shot_run):
-    """The stitched video is every clip without its last m frames, then the final clip whole (m = 1 for Shot), with
-    each clip sampled here one by one (not only the frame count: dropping the next clip's first m frames instead
-    gives the same count)."""
-    s, ref = env["shot"], env["ref"]
-    schedule = S.schedule_prompts(env["prompts"], 3, cycle=True)
+def _clips_one_by_one(s, ref, schedule):
+    """Each clip of a chain sampled here one at a time (seeds as generate: clip_seed(0, k))."""
     state, clips = s.initial_state(ref), []
     for k, prompt in enumerate(schedule):
         y, clip = s.conditioning(state, ref)
@@ -318,9 +314,25 @@ def test_stitched_video_is_the_clips_concatenated(env, shot_run):
         assert frames.shape == (T, H, W, 3)
         clips.append(frames)
         state = s.next_state(state, frames, None)
+    return clips
+
+
+def test_stitched_video_is_the_clips_concatenated(env, shot_run, film, tmp_path):
+    """The stitched video is every clip without its last m frames, then the final clip whole (m = 1 for Shot, 5 for
+    Film), with each clip sampled here one by one (not only the frame count: dropping the next clip's first m frames
+    instead gives the same count)."""
+    ref = env["ref"]
+    schedule = S.schedule_prompts(env["prompts"], 3, cycle=True)
+    clips = _clips_one_by_one(env["shot"], ref, schedule)
     assert all(not np.array_equal(a[-1], b[0]) for a, b in zip(clips, clips[1:]))  # the boundaries are visible
     want = np.concatenate([c[:T - 1] for c in clips[:-1]] + [clips[-1]])
     np.testing.assert_array_equal(S.Output(shot_run[0]).read_lossless(), want)
+    # Film: m = 5 frames overlap; the first 5 of clip 2 differ from the last 5 of clip 1
+    a, b = _clips_one_by_one(film, ref, schedule[:2])
+    assert not np.array_equal(a[T - 5:], b[:5])
+    out = str(tmp_path / "film.mp4")
+    S.generate(film, ref, schedule[:2], out, lossless=True, progress=False)
+    np.testing.assert_array_equal(S.Output(out).read_lossless(), np.concatenate([a[:T - 5], b]))
 
 
 def test_frame_count_and_outputs(env, shot_run, film, tmp_path):

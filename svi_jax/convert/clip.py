@@ -7,7 +7,7 @@ block, the post-LayerNorm, the projection head and the whole text tower are skip
   ``visual.cls_embedding``, ``visual.pos_embedding``, ``visual.pre_norm.*``,
   ``visual.transformer.{i}.{norm1,norm2}.*``, ``.attn.to_qkv.*`` (fused q|k|v rows), ``.attn.proj.*``,
   ``.mlp.0.*``, ``.mlp.2.*`` (skipped: ``visual.post_norm.*``, ``visual.head``, ``textual.*``, ``log_scale``).
-  The head count is not in the tensors: 16 for ViT-H/14 (width 1280), else pass ``--num-heads``.
+  The head count is not in the tensors: 16 for ViT-H/14 (width 1280), else pass ``--num_heads``.
 * transformers (``CLIPVisionModel`` / ``CLIPModel``, keys with or without ``vision_model.``):
   ``embeddings.{patch_embedding.weight,class_embedding,position_embedding.weight}``, ``pre_layrnorm.*``,
   ``encoder.layers.{i}.{layer_norm1,layer_norm2,self_attn.{q,k,v,out}_proj,mlp.fc1,mlp.fc2}.*``.
@@ -30,7 +30,7 @@ def add_arguments(p) -> None:
     p.add_argument("--dst", required=True, help="output directory (config.json + params/)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "fp32", "bfloat16", "bf16"],
                    help="stored param dtype: auto (bfloat16 for a bf16 source, else float32), float32, bfloat16")
-    p.add_argument("--num-heads", type=int, default=None,
+    p.add_argument("--num_heads", type=int, default=None,
                    help="attention heads (default: config.json, else 16 for width 1280)")
 
 
@@ -147,7 +147,7 @@ def infer_config(src: TensorSource, layout: str, prefix: str, num_heads: int | N
     heads = num_heads or hf.get("num_attention_heads") or WAN_VIT_H_HEADS.get(dim)
     if heads is None:
         raise ConversionError(f"{src.src}: the head count of a width-{dim} tower is not in the tensors; "
-                              f"pass --num-heads")
+                              f"pass --num_heads")
     act = hf.get("hidden_act", "gelu")
     act = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_new": "gelu_tanh",
            "gelu_pytorch_tanh": "gelu_tanh"}.get(act)

@@ -61,8 +61,8 @@ def add_arguments(p) -> None:
                    help="local google/umt5-xxl tokenizer directory; its files are copied to DST/tokenizer")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "fp32", "bfloat16", "bf16"],
                    help="stored param dtype: auto (bfloat16 for a bf16 source, else float32), float32, bfloat16")
-    p.add_argument("--text-len", type=int, default=512, help="tokenizer length (Wan: 512)")
-    p.add_argument("--max-distance", type=int, default=None,
+    p.add_argument("--text_len", type=int, default=512, help="tokenizer length (Wan: 512)")
+    p.add_argument("--max_distance", type=int, default=None,
                    help="relative-position max distance (default: config.json, else 128 as in Wan)")
 
 

@@ -1,7 +1,7 @@
 """python -m svi_jax.data {build,synth,cache,show} ...
 
-  build  --videos DIR [--captions CSV --file-column C --caption-column C] --out DIR
-  synth  --out DIR [--num-videos 16 --num-frames 33 --height 64 --width 64 --seed 0]
+  build  --videos DIR [--captions CSV --file_column C --caption_column C] --out DIR
+  synth  --out DIR [--num_videos 16 --num_frames 33 --height 64 --width 64 --seed 0]
   cache  --dataset DIR --out DIR (--vae D --t5 D [--clip D --tokenizer D] | --config configs/x.py) [--windows 1]
   show   --dataset DIR [--num 5]
 """
@@ -13,19 +13,22 @@ import json
 import os
 import sys
 
+from svi_jax import cli as _cli
+
 
 def _add_data_args(p, defaults=None):
-    from svi_jax.data.config import default_config
+    from svi_jax.data.config import PAD_MODES, default_config
 
     d = defaults or default_config()
     g = p.add_argument_group("clip sampling (the data config)")
-    g.add_argument("--num-frames", type=int, default=d.num_frames)
+    g.add_argument("--num_frames", type=int, default=d.num_frames)
     g.add_argument("--height", type=int, default=d.height)
     g.add_argument("--width", type=int, default=d.width)
-    g.add_argument("--frame-stride", type=int, default=d.frame_stride)
-    g.add_argument("--num-motion-frames", type=int, default=d.num_motion_frames)
-    g.add_argument("--p-motion", type=float, default=d.p_motion)
-    g.add_argument("--pad-mode", choices=("ref", "zero"), default=d.pad_mode)
+    g.add_argument("--frame_stride", type=int, default=d.frame_stride)
+    g.add_argument("--num_motion_frames", type=int, default=d.num_motion_frames)
+    g.add_argument("--p_motion", type=float, default=d.p_motion)
+    g.add_argument("--pad_mode", choices=PAD_MODES, default=d.pad_mode,
+                   help="ref: the reference image (Shot), zero: zeros (Film), mix: either, per clip")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--workers", type=int, default=2, help="clips decoded concurrently")
 
@@ -44,7 +47,7 @@ def cmd_build(args) -> int:
     from svi_jax.data.scan import CaptionError
 
     if args.captions is None and (args.file_column or args.caption_column):
-        print("error: --file-column/--caption-column need --captions CSV", file=sys.stderr)
+        print("error: --file_column/--caption_column need --captions CSV", file=sys.stderr)
         return 2
     try:
         summary = build_dataset(
@@ -124,7 +127,7 @@ def cmd_show(args) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m svi_jax.data", description=__doc__,
+    ap = _cli.ArgumentParser(prog="python -m svi_jax.data", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
@@ -133,26 +136,26 @@ def main(argv=None) -> int:
                    "or a flat folder with --captions")
     b.add_argument("--out", required=True)
     b.add_argument("--captions", help="caption CSV for a flat folder")
-    b.add_argument("--file-column", help="column of --captions naming the video (default Filename)")
-    b.add_argument("--caption-column", help="column of --captions with the caption (default 'Video Description')")
+    b.add_argument("--file_column", help="column of --captions naming the video (default Filename)")
+    b.add_argument("--caption_column", help="column of --captions with the caption (default 'Video Description')")
     b.add_argument("--encoding", default="utf-8", help="CSV encoding")
-    b.add_argument("--caption-errors", choices=("skip", "replace", "cp1252"), default="skip",
+    b.add_argument("--caption_errors", choices=("skip", "replace", "cp1252"), default="skip",
                    help="captions that are not valid text in --encoding: skip the video, replace bad bytes, "
                         "or read them as cp1252")
-    b.add_argument("--min-frames", type=int, default=5, help="skip videos with fewer decodable frames")
-    b.add_argument("--min-size", type=int, default=16, help="skip videos whose short side is smaller")
-    b.add_argument("--max-decode-errors", type=int, default=0, help="skip videos with more ffmpeg decode errors")
+    b.add_argument("--min_frames", type=int, default=5, help="skip videos with fewer decodable frames")
+    b.add_argument("--min_size", type=int, default=16, help="skip videos whose short side is smaller")
+    b.add_argument("--max_decode_errors", type=int, default=0, help="skip videos with more ffmpeg decode errors")
     b.add_argument("--workers", type=int, default=2, help="videos probed concurrently")
-    b.add_argument("--clip-frames", type=int, default=81, help="training clip length: shorter videos are noted "
+    b.add_argument("--clip_frames", type=int, default=81, help="training clip length: shorter videos are noted "
                    "(shorter_than_<N>_frames; the sampler repeats their last frame)")
-    b.add_argument("--overwrite", action="store_true")
+    b.add_argument("--overwrite", action="store_true", help="rebuild a dataset that exists")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(fn=cmd_build)
 
     s = sub.add_parser("synth", help="write synthetic clips (scikit-image pictures, camera motion, sprite)")
     s.add_argument("--out", required=True)
-    s.add_argument("--num-videos", type=int, default=16)
-    s.add_argument("--num-frames", type=int, default=33)
+    s.add_argument("--num_videos", type=int, default=16)
+    s.add_argument("--num_frames", type=int, default=33)
     s.add_argument("--height", type=int, default=64)
     s.add_argument("--width", type=int, default=64)
     s.add_argument("--fps", type=float, default=16.0)
@@ -170,10 +173,10 @@ def main(argv=None) -> int:
     c.add_argument("--clip")
     c.add_argument("--tokenizer")
     c.add_argument("--windows", type=int, default=1, help="sampled windows per video")
-    c.add_argument("--batch-size", type=int, default=1)
+    c.add_argument("--batch_size", type=int, default=1)
     c.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     c.add_argument("--shard", type=int, default=0, help="this process's shard (e.g. jax.process_index())")
-    c.add_argument("--num-shards", type=int, default=1)
+    c.add_argument("--num_shards", type=int, default=1)
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--quiet", action="store_true")
     _add_data_args(c)

@@ -274,7 +274,7 @@ def build_dataset(videos: str, out: str, *, captions: Optional[str] = None,
     target = os.path.join(out, DATASET_NAME, VERSION)
     if os.path.exists(target):
         if not overwrite:
-            raise FileExistsError(f"{target} exists; pass overwrite=True (--overwrite) to rebuild")
+            raise FileExistsError(f"{target} exists: pass --overwrite to rebuild it")
         shutil.rmtree(target)
     os.makedirs(out, exist_ok=True)
     builder = SviVideos(videos=videos, scan=scan, min_frames=min_frames, min_size=min_size,

@@ -126,7 +126,7 @@ def write_cache(dataset, out: str, encoders: Encoders, config=None, *, windows: 
     os.makedirs(out, exist_ok=True)
     base = os.path.join(out, shard_name(shard, num_shards))
     if os.path.exists(base + ".json") and not overwrite:
-        raise FileExistsError(f"{base}.json exists; pass overwrite=True (--overwrite) to rewrite the shard")
+        raise FileExistsError(f"{base}.json exists: pass --overwrite to rewrite the shard")
     mine = [(i, w) for i in range(shard, n, num_shards) for w in range(windows)]
     from array_record.python.array_record_module import ArrayRecordWriter
 

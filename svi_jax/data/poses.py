@@ -2,7 +2,7 @@
 
 From videos (DWPose on onnxruntime, ``scripts/data_preprocess/prepare_video_pose.py``)::
 
-  python -m svi_jax.data pose --videos raw/ --out dances/ --det yolox_l.onnx --pose-model dw-ll_ucoco_384.onnx
+  python -m svi_jax.data pose --videos raw/ --out dances/ --det yolox_l.onnx --pose_model dw-ll_ucoco_384.onnx
 
 or from keypoints extracted by any tool (``--keypoints DIR`` of ``<name>.npz`` / ``<name>.json``, see
 :func:`read_keypoints`)::
@@ -223,10 +223,10 @@ def add_arguments(p):
                                     "to copy beside the skeletons")
     p.add_argument("--out", required=True, help="output folder (videos + .pose.mp4 + .keypoints.npz)")
     p.add_argument("--det", help="YOLOX person detector ONNX file (yolox_l.onnx)")
-    p.add_argument("--pose-model", "--pose_model", dest="pose_model",
+    p.add_argument("--pose_model", dest="pose_model",
                    help="DWPose whole-body ONNX file (dw-ll_ucoco_384.onnx)")
     p.add_argument("--keypoints", help="draw from extracted keypoints (.npz/.json per video) instead of DWPose")
-    p.add_argument("--max-frames", type=int, default=MAX_FRAMES, help="skip videos with this many frames or more "
+    p.add_argument("--max_frames", type=int, default=MAX_FRAMES, help="skip videos with this many frames or more "
                    "(official 2000; 0 = no limit)")
     p.add_argument("--crf", type=int, default=17)
     p.add_argument("--quiet", action="store_true")
@@ -240,7 +240,7 @@ def run(args) -> int:
             s = draw_keypoint_dir(args.keypoints, args.out, args.videos, args.crf, not args.quiet)
         else:
             if not args.videos:
-                print("error: give --videos DIR (and --det, --pose-model), or --keypoints DIR", flush=True)
+                print("error: give --videos DIR (and --det, --pose_model), or --keypoints DIR", flush=True)
                 return 2
             s = extract(args.videos, args.out, args.det, args.pose_model, args.max_frames, args.crf, not args.quiet)
     except (PoseModelError, ImportError) as e:

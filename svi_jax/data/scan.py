@@ -148,7 +148,7 @@ def _entry(root: str, rel: str, category: str, caption, source: str) -> Entry:
     e = Entry(path=os.path.join(root, rel), key=rel.replace(os.sep, "/"), caption=caption,
               category=category, caption_source=source)
     if caption is None:
-        e.skip = ("caption_not_utf8", "caption is not valid UTF-8 (see --caption-errors)")
+        e.skip = ("caption_not_utf8", "caption is not valid UTF-8 (see --caption_errors)")
     return e
 
 

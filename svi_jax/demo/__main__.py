@@ -128,7 +128,10 @@ def main(argv) -> int:
     info = {"config": os.path.basename(str(flags.FLAGS["config"].config_filename)),
             "lora": os.path.basename(FLAGS.lora.rstrip("/")) if FLAGS.lora else None,
             "height": int(d.height), "width": int(d.width), "num_frames": int(d.num_frames),
-            "num_steps": FLAGS.num_steps, "solver": FLAGS.solver, "chain": FLAGS.chain, "fps": fps, **resolved}
+            "num_steps": FLAGS.num_steps, "solver": FLAGS.solver, "chain": FLAGS.chain, "fps": fps,
+            "seed_times": FLAGS.seed_times,
+            "motion_frames": int(FLAGS.motion_frames if FLAGS.motion_frames is not None else d.num_motion_frames),
+            **resolved}
     web = app_lib.create_app(queue, FLAGS.workdir, limits, info)
     host, port = sock.getsockname()[:2]
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"

@@ -3,7 +3,7 @@
 =======  =============================  ===========================================================================
 GET      ``/``                          the page (``static/index.html`` + ``demo.js`` + ``demo.css``)
 GET      ``/api/info``                  model, clip size, sampling settings, limits, whether the models are loaded
-POST     ``/api/jobs``                  multipart form: ``image`` (file), ``prompts`` (text), ``num_clips``, ``seed``
+POST     ``/api/jobs``                  multipart form: ``image`` (file), ``prompts`` or ``schedule`` (text), ``num_clips``, ``seed``
 GET      ``/api/jobs``, ``/api/jobs/ID``  the jobs / one job (status, clips with timings)
 GET      ``/api/jobs/ID/events``        server-sent events: ``status``, ``step``, ``clip``, ``warning`` (replayed from
                                         the start, or from ``Last-Event-ID`` when the browser reconnects)
@@ -71,17 +71,25 @@ def create_app(queue: JobQueue, workdir: str, limits: validate.Limits, info: Opt
                 data = await upload.read(limits.max_image_bytes + 1) if hasattr(upload, "read") else b""
                 name = f"the image {upload.filename!r}" if getattr(upload, "filename", None) else "the image"
                 ext = validate.check_image(data, limits, name)
-                prompts = validate.check_prompts(form.get("prompts"), limits)
                 num_clips = validate.check_int(form.get("num_clips"), "clips", 0, limits.max_clips, 0)
                 seed = validate.check_int(form.get("seed"), "seed", 0, max_seed, 0)
-                clip_prompts = validate.clip_prompts(prompts, num_clips, limits)
+                schedule = validate.check_schedule(form.get("schedule"), limits,
+                                                   validate.schedule_defaults(info, seed))
+                if schedule is not None:            # a schedule instead of the prompt stream: one clip per record
+                    if (form.get("prompts") or "").strip():
+                        raise validate.InputError("give either a prompt stream or a schedule, not both")
+                    schedule, prompts = schedule
+                    clip_prompts = validate.schedule_clip_prompts(prompts, num_clips)
+                else:
+                    prompts = validate.check_prompts(form.get("prompts"), limits)
+                    clip_prompts = validate.clip_prompts(prompts, num_clips, limits)
         except validate.InputError as e:
             return _error(str(e), e.status)
         except Exception as e:       # noqa: BLE001 -- a malformed form (multipart errors, too many fields)
             return _error(f"the form could not be read: {getattr(e, 'detail', None) or e}")
         if queue.load_error is not None:
             return _error(queue.load_error, 503)
-        job = Job("", clip_prompts, seed, f"reference.{ext}")
+        job = Job("", clip_prompts, seed, f"reference.{ext}", schedule=schedule)
         job.dir = os.path.join(jobs_dir, job.id)
         os.makedirs(job.dir)
         with open(job.image_path, "wb") as f:

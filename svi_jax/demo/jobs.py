@@ -38,10 +38,11 @@ class QueueFull(Exception):
 
 class Job:
     def __init__(self, job_dir: str, prompts: list[str], seed: int, image: str, job_id: Optional[str] = None,
-                 created: Optional[float] = None):
+                 created: Optional[float] = None, schedule: Optional[str] = None):
         self.id = job_id or secrets.token_hex(6)
         self.dir = job_dir
         self.prompts, self.seed, self.image = list(prompts), int(seed), image
+        self.schedule = schedule                     # a pasted schedule's text (svi_jax.schedule), or None
         self.created = created or time.time()
         self.status = "queued"
         self.error: Optional[str] = None
@@ -68,14 +69,14 @@ class Job:
         from svi_jax.video_io import atomic_write_bytes
 
         meta = {"id": self.id, "prompts": self.prompts, "seed": self.seed, "image": self.image,
-                "created": self.created}
+                "created": self.created, "schedule": self.schedule}
         atomic_write_bytes(os.path.join(self.dir, "job.json"), json.dumps(meta, indent=1).encode("utf-8"))
 
     @classmethod
     def load(cls, job_dir: str) -> "Job":
         with open(os.path.join(job_dir, "job.json")) as f:
             m = json.load(f)
-        job = cls(job_dir, m["prompts"], m["seed"], m["image"], m["id"], m.get("created"))
+        job = cls(job_dir, m["prompts"], m["seed"], m["image"], m["id"], m.get("created"), m.get("schedule"))
         for k, rec in enumerate(read_records(job.out)):
             job.add_clip(clip_event(job, k, rec))
         job.set_status("done" if len(job.clips) >= len(job.prompts) else "stopped")
@@ -310,10 +311,24 @@ class SamplerRunner:
                 job.emit("warning", message=f"prompt {job.prompts.index(p) + 1} is {n} tokens: the text encoder "
                                             f"reads the first {limit}")
         inputs = dict(self.inputs, image_sha256=sample.file_sha256(job.image_path))
+        clip_setup = None
+        if job.schedule:                             # per-clip settings: the CLI's --schedule code path
+            from svi_jax import schedule
+            from svi_jax.demo.validate import LORAS_REFUSED
+
+            plan = schedule.parse(job.schedule, schedule.Defaults(
+                prompt=None, negative_prompt=s.negative_prompt, seed=job.seed, seed_times=self.seed_times,
+                steps=s.num_steps, cfg_scale=s.cfg_scale, solver=s.solver, motion_frames=s.m), "text",
+                loras_refused=LORAS_REFUSED)
+            plan.clips = plan.clips[:len(job.prompts)]
+            clip_setup = plan.runner(s)
+            inputs.update(plan.inputs())
         self.job, self.clip = job, len(job.clips) if job.resume else 0
         try:
             sample.generate(s, reference, job.prompts, job.out, seed=job.seed, seed_times=self.seed_times,
                             inputs=inputs, resume=job.resume, overwrite=not job.resume, fps=self.fps, crf=self.crf,
-                            progress=False, on_clip=lambda k: self._on_clip(job, k))
+                            progress=False, on_clip=lambda k: self._on_clip(job, k), clip_setup=clip_setup)
         finally:
             self.job = None
+            if clip_setup is not None:
+                clip_setup.restore()

@@ -92,6 +92,51 @@ def check_prompts(text: Optional[str], limits: Limits) -> list[str]:
     return prompts
 
 
+def check_schedule(text: Optional[str], limits: Limits, defaults) -> Optional[tuple[str, list[str]]]:
+    """A schedule pasted into the page (JSON Lines or YAML, as ``--schedule FILE``), validated as the CLI does
+    (:mod:`svi_jax.schedule`; ``defaults``: the server's settings): ``(text, clip prompts)``, ``None`` when the
+    field is blank."""
+    from svi_jax import schedule
+
+    text = (text or "").replace("\r\n", "\n")
+    if not text.strip():
+        return None
+    if len(text) > limits.max_prompt_stream_chars:
+        raise InputError(f"the schedule is {len(text)} characters, above the limit of "
+                         f"{limits.max_prompt_stream_chars}", 413)
+    try:
+        plan = schedule.parse(text, defaults, "text", loras_refused=LORAS_REFUSED)
+    except schedule.ScheduleError as e:
+        raise InputError(str(e)) from None
+    for c in plan.clips:
+        if len(c.prompt) > limits.max_prompt_chars:
+            raise InputError(f"the schedule's clip at line {c.line}: its prompt is {len(c.prompt)} characters, "
+                             f"above the limit of {limits.max_prompt_chars}")
+    if len(plan.clips) > limits.max_clips:
+        raise InputError(f"{len(plan.clips)} clips in the schedule, above the limit of {limits.max_clips}")
+    return text, plan.prompts
+
+
+def schedule_clip_prompts(prompts: list[str], num_clips: int) -> list[str]:
+    """The clip prompts of a checked schedule: its first ``num_clips`` records, or all of them for 0."""
+    if num_clips > len(prompts):
+        raise InputError(f"clips is {num_clips} but the schedule has {len(prompts)} clips")
+    return list(prompts[:num_clips or len(prompts)])
+
+
+def schedule_defaults(info: dict, seed: int):
+    """What a pasted schedule's omitted fields inherit: the server's settings (``info``) and the form's seed."""
+    from svi_jax import schedule
+
+    return schedule.Defaults(prompt=None, seed=int(seed), seed_times=int(info.get("seed_times", 42)),
+                             steps=int(info.get("num_steps", 50)), cfg_scale=float(info.get("cfg_scale", 5.0)),
+                             solver=str(info.get("solver", "euler")), motion_frames=int(info.get("motion_frames", 1)))
+
+
+LORAS_REFUSED = ("per-clip LoRAs are not available in the demo (a page may not name files on the server; the "
+                 "server's --lora applies to every clip): use python -m svi_jax.sample --schedule")
+
+
 def check_int(value, field: str, lo: int, hi: int, default: int) -> int:
     """An integer form field in ``[lo, hi]``; blank gives ``default``."""
     if value is None or str(value).strip() == "":

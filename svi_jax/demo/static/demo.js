@@ -90,6 +90,7 @@ $("form").addEventListener("submit", async (e) => {
   const fd = new FormData();
   if ($("image").files[0]) fd.append("image", $("image").files[0]);
   fd.append("prompts", $("prompts").value);
+  fd.append("schedule", $("schedule").value);
   fd.append("num_clips", $("num_clips").value);
   fd.append("seed", $("seed").value);
   $("generate").disabled = true;
