@@ -64,12 +64,22 @@ def initialize(force: bool = False) -> dict:
             ids = os.environ.get("JAX_LOCAL_DEVICE_IDS", "")
             if ids.strip():
                 kwargs["local_device_ids"] = [int(i) for i in ids.split(",")]
+        _cpu_collectives()
         jax.distributed.initialize(**kwargs)
         _initialized = True
         log.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
     return {"process_index": jax.process_index(), "process_count": jax.process_count(),
             "local_devices": jax.local_device_count(), "devices": jax.device_count()}
+
+
+def _cpu_collectives() -> None:
+    """Cross-process collectives of the CPU backend: gloo (over TCP, no extra install), unless one is chosen already
+    (``JAX_CPU_COLLECTIVES_IMPLEMENTATION`` / ``jax_cpu_collectives_implementation``). Without it a computation that
+    spans the CPU devices of several processes fails ("Multiprocess computations aren't implemented on the CPU
+    backend"); accelerators are unaffected. Must run before the backends are created."""
+    if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 
 def is_main_process() -> bool:

@@ -309,9 +309,14 @@ class Trainer:
         os.makedirs(self.workdir, exist_ok=True)
         from svi_jax import run_config  # refuse changed settings on resume; keep config.json, add config.N.json
 
-        try:
-            run_config.check_and_record(config, self.workdir, resuming=_has_checkpoints(self.workdir),
-                                        write=jax.process_index() == 0)
+        from svi_jax import distributed
+
+        resuming = _has_checkpoints(self.workdir)
+        try:  # every process reads and judges the same files; only then does process 0 write (no torn reads)
+            run_config.check_and_record(config, self.workdir, resuming=resuming, write=False)
+            distributed.sync("svi_jax.run_config")
+            if jax.process_index() == 0:
+                run_config.check_and_record(config, self.workdir, resuming=resuming, write=True)
         except run_config.SettingsChanged as e:
             raise ConfigError(str(e)) from None
         key = jax.random.key(config.train.seed)
