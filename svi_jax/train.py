@@ -371,9 +371,11 @@ class Trainer:
             log.warning("step %d: not saving a checkpoint during a run of %d non-finite steps", step,
                         self.nonfinite_run)
             return
+        from svi_jax.train_checkpoints import data_state
+
         self.ckpt.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(saved_part(self.state)),
-            data=ocp.args.JsonSave(self.data.get_state())), force=force)
+            data=ocp.args.JsonSave(data_state(self.data))), force=force)
         self.guard.prune(self.ckpt)
         if not self.config.train.async_checkpoints:
             from svi_jax.train_checkpoints import seal
@@ -391,7 +393,10 @@ class Trainer:
         if latest is None:
             return False
         self.state = with_saved(self.state, restored["state"])
-        self.data.set_state(restored["data"])
+        try:
+            self.data.set_state(train_checkpoints.this_host_data_state(restored["data"], latest))
+        except train_checkpoints.CheckpointsUnusable as e:
+            raise ConfigError(str(e)) from None
         log.info("resumed from step %d (%s)", latest, os.path.join(self.workdir, "checkpoints"))
         return True
 
