@@ -79,7 +79,7 @@ def _cpu_collectives() -> None:
     (``JAX_CPU_COLLECTIVES_IMPLEMENTATION`` / ``jax_cpu_collectives_implementation``). Without it a computation that
     spans the CPU devices of several processes fails ("Multiprocess computations aren't implemented on the CPU
     backend"); accelerators are unaffected. Must run before the backends are created."""
-    if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
+    if not jax.config.jax_cpu_collectives_implementation:   # None (older jax default): none across processes
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 
