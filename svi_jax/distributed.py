@@ -12,7 +12,8 @@ process and otherwise lets ``jax.distributed.initialize()`` discover the cluster
 Each host's data loader yields ``batch_size / num_hosts`` examples (``svi_jax.data``: ``host_id``/``num_hosts``
 default to ``jax.process_index()``/``jax.process_count()``); :func:`global_batch` assembles them into global arrays
 split over ``data`` x ``fsdp`` without any host holding the global batch. Orbax checkpoints of sharded arrays are
-multi-host as they are: every process writes its own shards (all processes must call save/restore).
+multi-host as they are: every process writes its own shards (all processes must call save/restore); the data
+loaders' states (one per host) are gathered into the checkpoint with :func:`gather_json`.
 """
 from __future__ import annotations
 
@@ -64,12 +65,22 @@ def initialize(force: bool = False) -> dict:
             ids = os.environ.get("JAX_LOCAL_DEVICE_IDS", "")
             if ids.strip():
                 kwargs["local_device_ids"] = [int(i) for i in ids.split(",")]
+        _cpu_collectives()
         jax.distributed.initialize(**kwargs)
         _initialized = True
         log.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
     return {"process_index": jax.process_index(), "process_count": jax.process_count(),
             "local_devices": jax.local_device_count(), "devices": jax.device_count()}
+
+
+def _cpu_collectives() -> None:
+    """Cross-process collectives of the CPU backend: gloo (over TCP, no extra install), unless one is chosen already
+    (``JAX_CPU_COLLECTIVES_IMPLEMENTATION`` / ``jax_cpu_collectives_implementation``). Without it a computation that
+    spans the CPU devices of several processes fails ("Multiprocess computations aren't implemented on the CPU
+    backend"); accelerators are unaffected. Must run before the backends are created."""
+    if not jax.config.jax_cpu_collectives_implementation:   # None (older jax default): none across processes
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 
 def is_main_process() -> bool:
@@ -98,6 +109,25 @@ def host_copy(tree: Any) -> Any:
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
     return jax.tree.map(one, tree)
+
+
+def gather_json(obj: Any) -> list:
+    """Every process's ``obj`` (JSON-able), in process order, on every process (``[obj]`` for one process).
+
+    E.g. the data loaders' states: each host reads its own shard, so each has its own position and ``host_id``,
+    and a checkpoint keeps them all (orbax writes JSON items from the primary host only)."""
+    if jax.process_count() == 1:
+        return [obj]
+    import json
+
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(obj, sort_keys=True).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int32))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:data.size] = data
+    rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    return [json.loads(bytes(r[:n]).decode()) for r, n in zip(rows, sizes)]
 
 
 def sync(name: str = "svi_jax") -> None:

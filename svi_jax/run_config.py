@@ -100,6 +100,8 @@ def check_and_record(config, workdir: str, resuming: bool, write: bool = True) -
     if write:
         files = _numbered(workdir) if os.path.isdir(workdir) else []
         name = CONFIG_FILE if not files else f"config.{files[-1][0] + 1}.json"
-        with open(os.path.join(workdir, name), "w") as f:
+        path = os.path.join(workdir, name)
+        with open(path + ".tmp", "w") as f:   # atomic: a reader (another process, a killed run) never sees half
             f.write(config.to_json_best_effort(indent=2))
+        os.replace(path + ".tmp", path)
     return accepted

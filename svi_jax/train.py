@@ -307,9 +307,14 @@ class Trainer:
         os.makedirs(self.workdir, exist_ok=True)
         from svi_jax import run_config  # refuse changed settings on resume; keep config.json, add config.N.json
 
-        try:
-            run_config.check_and_record(config, self.workdir, resuming=_has_checkpoints(self.workdir),
-                                        write=jax.process_index() == 0)
+        from svi_jax import distributed
+
+        resuming = _has_checkpoints(self.workdir)
+        try:  # every process reads and judges the same files; only then does process 0 write (no torn reads)
+            run_config.check_and_record(config, self.workdir, resuming=resuming, write=False)
+            distributed.sync("svi_jax.run_config")
+            if jax.process_index() == 0:
+                run_config.check_and_record(config, self.workdir, resuming=resuming, write=True)
         except run_config.SettingsChanged as e:
             raise ConfigError(str(e)) from None
         key = jax.random.key(config.train.seed)
@@ -364,9 +369,11 @@ class Trainer:
             log.warning("step %d: not saving a checkpoint during a run of %d non-finite steps", step,
                         self.nonfinite_run)
             return
+        from svi_jax.train_checkpoints import data_state
+
         self.ckpt.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(saved_part(self.state)),
-            data=ocp.args.JsonSave(self.data.get_state())), force=force)
+            data=ocp.args.JsonSave(data_state(self.data))), force=force)
         self.guard.prune(self.ckpt)
         if not self.config.train.async_checkpoints:
             from svi_jax.train_checkpoints import seal
@@ -384,7 +391,10 @@ class Trainer:
         if latest is None:
             return False
         self.state = with_saved(self.state, restored["state"])
-        self.data.set_state(restored["data"])
+        try:
+            self.data.set_state(train_checkpoints.this_host_data_state(restored["data"], latest))
+        except train_checkpoints.CheckpointsUnusable as e:
+            raise ConfigError(str(e)) from None
         log.info("resumed from step %d (%s)", latest, os.path.join(self.workdir, "checkpoints"))
         return True
 

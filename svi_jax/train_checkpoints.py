@@ -181,3 +181,28 @@ class StreakGuard:
             log.warning("moved checkpoint(s) %s, saved just before the non-finite streak, to %s", sorted(bad),
                         os.path.join(os.path.dirname(self.root), REJECTED_DIR))
         return good
+
+
+def data_state(data) -> dict:
+    """What a checkpoint keeps of the data iterator: its state, or with several processes every host's
+    (``{"hosts": [...]}``, gathered: each host reads its own shard and orbax writes JSON items from process 0 only)."""
+    state = data.get_state()
+    if jax.process_count() == 1:
+        return state
+    from svi_jax import distributed
+
+    return {"hosts": distributed.gather_json(state)}
+
+
+def this_host_data_state(saved: dict, step: int) -> dict:
+    """This process's data iterator state out of a checkpoint's ``data`` item (see :func:`data_state`)."""
+    if "hosts" not in saved:
+        if jax.process_count() > 1:
+            raise CheckpointsUnusable(f"the checkpoint of step {step} was written by 1 process, this run has "
+                                      f"{jax.process_count()}: resume with the same number of processes")
+        return saved
+    hosts = saved["hosts"]
+    if len(hosts) != jax.process_count():
+        raise CheckpointsUnusable(f"the checkpoint of step {step} was written by {len(hosts)} processes, this run has "
+                                  f"{jax.process_count()}: resume with the same number of processes")
+    return hosts[jax.process_index()]

@@ -445,6 +445,20 @@ def test_shard_order_covers_every_example_once(n, hosts):
         loader.ShardOrder(2, 0, 0, 3)
 
 
+@pytest.mark.parametrize("n, hosts, block", [(16, 2, 4), (16, 4, 2), (11, 2, 2), (9, 3, 2)])
+def test_global_batch_is_the_one_host_batch(n, hosts, block):
+    """Hosts take blocks of their batch: host 0's batch ++ host 1's ... is the one-host batch of the same global
+    size (N a multiple of the global batch), and an epoch still covers every example once for any N."""
+    orders = [loader.ShardOrder(n, 11, h, hosts, block=block) for h in range(hosts)]
+    for epoch in range(2):
+        assert sorted(np.concatenate([o.epoch_indices(epoch) for o in orders]).tolist()) == list(range(n))
+    if n % (hosts * block) == 0:
+        one = loader.ShardOrder(n, 11, 0, 1, block=hosts * block)
+        for k in range(2 * n // (hosts * block)):
+            glob = [orders[h](k * block + j) for h in range(hosts) for j in range(block)]
+            assert glob == [one(k * hosts * block + j) for j in range(hosts * block)]
+
+
 def test_multi_host_loaders_split_an_epoch(coded_ds):
     cfg = small_cfg(batch_size=2, num_workers=1)
     seen = []

@@ -3,7 +3,8 @@
     python tests/train_pause.py PAUSE_AT MARKER --config ... --workdir ...
 
 Runs the trainer unchanged, except that right after the checkpoint of step ``PAUSE_AT`` is complete it creates
-``MARKER`` and sleeps (the hook lives here, not in production code).
+``MARKER`` (``MARKER.<process index>`` when several processes run) and sleeps (the hook lives here, not in
+production code).
 """
 import os
 import sys
@@ -25,7 +26,9 @@ def main():
         save(self, force)
         if int(self.state["step"]) == pause_at:
             self.ckpt.wait_until_finished()
-            open(marker, "w").close()
+            import jax
+
+            open(marker if jax.process_count() == 1 else f"{marker}.{jax.process_index()}", "w").close()
             time.sleep(3600)
 
     train.Trainer.save = save_then_pause

@@ -1,8 +1,10 @@
 """Deterministic, resumable, host-sharded batch iterators over a random-access source.
 
-Order: epoch e uses the permutation rng([seed, e]) of all N examples; host h of n takes positions
-h, h+n, h+2n, ... of it, so within an epoch the hosts' shards are disjoint and together cover every
-example once. A host's stream is infinite (epoch after epoch); its position p maps to (epoch, index)
+Order: epoch e uses the permutation rng([seed, e]) of all N examples, cut into blocks of b = the per-host
+batch; host h of n takes blocks h, h+n, h+2n, ... of it, so within an epoch the hosts' shards are disjoint and
+together cover every example once, and the global batch (host 0's batch, then host 1's, ...) is the same
+consecutive run of the permutation for any number of hosts (exactly the one-host batch while N is a multiple
+of the global batch). A host's stream is infinite (epoch after epoch); its position p maps to (epoch, index)
 arithmetically, so the whole iterator state is one integer (plus checks), and the random choices of an
 example depend only on (seed, epoch, index) — not on the host count, the prefetch depth or timing.
 """
@@ -29,14 +31,20 @@ class ShardOrder:
     """Maps a host-local position to (epoch, example index)."""
 
     def __init__(self, num_examples: int, seed: int, host_id: int = 0, num_hosts: int = 1,
-                 shuffle: bool = True):
+                 shuffle: bool = True, block: int = 1):
         if not 0 <= host_id < num_hosts:
             raise ValueError(f"host_id {host_id} not in 0..{num_hosts - 1}")
         if num_examples < num_hosts:
             raise ValueError(f"{num_examples} examples cannot be sharded over {num_hosts} hosts")
         self.num_examples, self.seed, self.shuffle = num_examples, seed, shuffle
-        self.host_id, self.num_hosts = host_id, num_hosts
-        self.shard_size = len(range(host_id, num_examples, num_hosts))
+        self.host_id, self.num_hosts, self.block = host_id, num_hosts, max(1, int(block))
+        # permutation slots of this host: blocks host_id, host_id + num_hosts, ... (the last one may be short)
+        b, n = self.block, num_hosts
+        self.slots = np.array([i for c in range(host_id, -(-num_examples // b), n)
+                               for i in range(c * b, min((c + 1) * b, num_examples))], np.int64)
+        self.shard_size = len(self.slots)
+        if self.shard_size == 0:
+            raise ValueError(f"{num_examples} examples in blocks of {b} leave host {host_id} of {n} nothing")
         self._perm_cache = collections.OrderedDict()
 
     def permutation(self, epoch: int) -> np.ndarray:
@@ -53,11 +61,11 @@ class ShardOrder:
 
     def __call__(self, position: int) -> tuple:
         epoch, k = divmod(int(position), self.shard_size)
-        return epoch, int(self.permutation(epoch)[self.host_id + k * self.num_hosts])
+        return epoch, int(self.permutation(epoch)[self.slots[k]])
 
     def epoch_indices(self, epoch: int) -> np.ndarray:
         """The example indices this host reads in an epoch, in order."""
-        return self.permutation(epoch)[self.host_id::self.num_hosts]
+        return self.permutation(epoch)[self.slots]
 
 
 def host_info(host_id: Optional[int], num_hosts: Optional[int]) -> tuple:
@@ -83,9 +91,9 @@ class BatchIterator:
         host_id, num_hosts = host_info(host_id, num_hosts)
         if batch_size % num_hosts:
             raise ValueError(f"global batch_size {batch_size} is not divisible by {num_hosts} hosts")
-        self.order = ShardOrder(num_examples, seed, host_id, num_hosts, shuffle)
         self.global_batch_size = batch_size
         self.batch_size = batch_size // num_hosts  # per host
+        self.order = ShardOrder(num_examples, seed, host_id, num_hosts, shuffle, block=self.batch_size)
         self.seed = seed
         self.num_workers = max(0, num_workers)
         self.lookahead = max(1, prefetch) * self.batch_size if self.num_workers else 0
