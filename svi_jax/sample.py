@@ -347,6 +347,22 @@ class LongVideoSampler:
                 **{k: v for s in self.streams for k, v in s.settings().items()}}
 
 
+def lora_records(lora, lora_scale: float = 1.0):
+    """The ``--lora PATH[:S]`` list as the settings ``generate`` stores and checks on resume: path, sha256 and
+    strength of each file (one LoRA at ``lora_scale``: one record without a strength, as before stacking)."""
+    from svi_jax.lora_formats import parse_specs
+
+    recs = []
+    for spec in parse_specs(lora, float(lora_scale)):
+        lora_file = resolve_lora(spec.path)
+        recs.append({"path": os.path.abspath(lora_file),
+                     "sha256": file_sha256(os.path.join(lora_file, "config.json") if os.path.isdir(lora_file)
+                                           else lora_file), "strength": spec.strength})
+    if len(recs) == 1 and recs[0]["strength"] == float(lora_scale):
+        recs[0].pop("strength")
+    return recs[0] if len(recs) == 1 else recs
+
+
 def resolve_lora(path: str) -> str:
     """A LoRA file, or a training workdir holding ``lora.safetensors``."""
     if os.path.isdir(path):
@@ -713,17 +729,7 @@ def main(argv) -> int:
                 check_resume(FLAGS.out, plan)
             inputs.update(plan.inputs(file_sha256) if plan else {})
         if FLAGS.lora:
-            from svi_jax.lora_formats import parse_specs
-
-            recs = []
-            for spec in parse_specs(FLAGS.lora, float(FLAGS.lora_scale)):
-                lora_file = resolve_lora(spec.path)
-                recs.append({"path": os.path.abspath(lora_file),
-                             "sha256": file_sha256(os.path.join(lora_file, "config.json") if os.path.isdir(lora_file)
-                                                   else lora_file), "strength": spec.strength})
-            if len(recs) == 1 and recs[0]["strength"] == float(FLAGS.lora_scale):
-                recs[0].pop("strength")                  # one LoRA at --lora_scale: the settings as before
-            inputs["lora"] = recs[0] if len(recs) == 1 else recs
+            inputs["lora"] = lora_records(FLAGS.lora, float(FLAGS.lora_scale))
         if talk is not None:
             sampler = talk.sampler(bar, shift=shift)
         elif FLAGS.chain == "pro":                     # SVI 2.0 Pro on Wan2.2-A14B: two experts, a LoRA pair

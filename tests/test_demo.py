@@ -293,3 +293,23 @@ def test_api_takes_a_schedule_validated_as_the_cli_does(client):
         kwargs.setdefault("prompts", "")
         r = post_job(client, **kwargs)
         assert r.status_code == 400 and msg in r.json()["error"], r.text
+
+
+def test_stacked_loras_are_recorded_as_the_sample_cli_does(tmp_path):
+    """``--lora A --lora B:0.5`` in the demo: both files, in order, with their strengths and hashes (the settings a
+    job stores and ``--resume`` checks), the same records as ``python -m svi_jax.sample`` writes."""
+    import hashlib
+    from types import SimpleNamespace
+
+    from svi_jax import sample
+    from svi_jax.demo.__main__ import run_inputs
+
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    a.write_bytes(b"first")
+    b.write_bytes(b"second")
+    got = run_inputs(SimpleNamespace(lora=[str(a), f"{b}:0.5"], lora_scale=1.0))["lora"]
+    assert [(r["path"], r["strength"]) for r in got] == [(str(a), 1.0), (str(b), 0.5)]
+    assert got[1]["sha256"] == hashlib.sha256(b"second").hexdigest()
+    assert got == sample.lora_records([str(a), f"{b}:0.5"], 1.0)
+    one = run_inputs(SimpleNamespace(lora=[str(a)], lora_scale=1.0))["lora"]
+    assert one == {"path": str(a), "sha256": hashlib.sha256(b"first").hexdigest()}   # one LoRA: as before

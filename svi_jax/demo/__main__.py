@@ -1,4 +1,4 @@
-"""The live web demo: ``python -m svi_jax.demo --config CONFIG [--lora LORA] [--host 127.0.0.1] [--port 8000]``.
+"""The live web demo: ``python -m svi_jax.demo --config CONFIG [--lora PATH[:S] ...] [--host 127.0.0.1] [--port 8000]``.
 
 Serves a page at ``http://HOST:PORT/``: upload a reference image, paste a prompt stream (one prompt per line, one
 line per clip), press Generate and watch the clips arrive (the growing mp4, a thumbnail and the timings of each
@@ -28,8 +28,8 @@ def _define_flags():
     config_flags.DEFINE_config_file("config", None, "Model/data config, as for python -m svi_jax.sample (e.g. "
                                     "configs/shot.py, configs/tiny.py); --config.a.b=value overrides a field.",
                                     lock_config=True)
-    flags.DEFINE_string("lora", None, "LoRA merged before sampling (an SVI .safetensors file, our export, or a "
-                        "training workdir), as python -m svi_jax.sample --lora.")
+    flags.DEFINE_multi_string("lora", None, "LoRA merged before sampling, PATH[:STRENGTH], repeatable (stacked in "
+                              "order), any format python -m svi_jax.sample --lora reads.")
     flags.DEFINE_float("lora_scale", 1.0, "LoRA strength s in W += s * B @ A.")
     flags.DEFINE_string("host", "127.0.0.1", "Address to listen on. The demo has no authentication: keep the "
                         "default (this machine only) unless the network is trusted.")
@@ -77,9 +77,7 @@ def run_inputs(FLAGS) -> dict:
 
     inputs = {"lora": None, "lora_scale": float(FLAGS.lora_scale)}
     if FLAGS.lora:
-        f = sample.resolve_lora(FLAGS.lora)
-        inputs["lora"] = {"path": os.path.abspath(f), "sha256": sample.file_sha256(
-            os.path.join(f, "config.json") if os.path.isdir(f) else f)}
+        inputs["lora"] = sample.lora_records(FLAGS.lora, float(FLAGS.lora_scale))
     return inputs
 
 
@@ -126,7 +124,7 @@ def main(argv) -> int:
     found = app_lib.load_jobs(queue, FLAGS.workdir)
     d = config.data
     info = {"config": os.path.basename(str(flags.FLAGS["config"].config_filename)),
-            "lora": os.path.basename(FLAGS.lora.rstrip("/")) if FLAGS.lora else None,
+            "lora": " + ".join(os.path.basename(x.rstrip("/")) for x in FLAGS.lora) if FLAGS.lora else None,
             "height": int(d.height), "width": int(d.width), "num_frames": int(d.num_frames),
             "num_steps": FLAGS.num_steps, "solver": FLAGS.solver, "chain": FLAGS.chain, "fps": fps,
             "seed_times": FLAGS.seed_times,
