@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config field, e.g. --set erft.capacity=250 --set model.num_layers=2")
     p.add_argument("--json", default="", help="also write the report here")
     p.add_argument("--label", default="", help="a free-text label stored in the report")
+    p.add_argument("--sample", action="store_true", help="plan the sampler instead of the train step: the program "
+                   "python -m svi_jax.sample runs on this mesh (default mesh: CFG over data, tokens over context), "
+                   "one clip's whole denoising loop (svi_jax/sample_plan.py)")
+    p.add_argument("--num_steps", type=int, default=50, help="--sample: denoising steps of the compiled loop")
     return p
 
 
@@ -581,13 +585,18 @@ def main(argv=None) -> int:
     else:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host's own backend; the TPU is compile-only
     try:
-        report = plan(args)
+        if args.sample:
+            from svi_jax import sample_plan
+
+            report = sample_plan.run(args)
+        else:
+            report = plan(args)
     except Exception as e:  # noqa: BLE001
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         print(f"error: the step does not fit this target: {str(e).strip().splitlines()[0][:400]}", file=sys.stderr)
         return 3
-    print(format_report(report), flush=True)
+    print((sample_plan.format_report if args.sample else format_report)(report), flush=True)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

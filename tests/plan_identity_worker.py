@@ -1,7 +1,6 @@
 """Run by tests/test_plan.py with 8 fake CPU devices: the trainer's compiled-to-be step and svi_jax.plan's step for
 the same small config lower to the same program (StableHLO text without locations). Prints ``OK identical``."""
 import os
-import re
 import sys
 import tempfile
 
@@ -13,6 +12,7 @@ import numpy as np  # noqa: E402
 
 from svi_jax import plan, train  # noqa: E402
 from svi_jax.pipeline import LatentConditioner  # noqa: E402
+from tests.hlo_text import strip  # noqa: E402
 
 assert jax.device_count() == 8
 
@@ -26,16 +26,6 @@ def small_config():
     config.mesh.update({"data": 2, "fsdp": 2, "context": 1, "tensor": 2})
     config.erft.bank_replicas = 2
     return config
-
-
-def strip(text: str) -> str:
-    """StableHLO text without source locations (``loc(...)``, ``#loc`` lines)."""
-    text = re.sub(r"^#loc.*$", "", text, flags=re.M)
-    text = re.sub(r" loc\((?:[^()]|\([^()]*\))*\)", "", text)
-    text = "\n".join(line for line in text.splitlines() if line.strip())
-    names = {}  # private functions renumbered in order of first appearance (@_where_81 -> @_where_f3)
-    return re.sub(r"@([A-Za-z_][\w]*?)_(\d+)\b", lambda m: "@%s_f%d" % (m.group(1), names.setdefault(m.group(0),
-                                                                                               len(names))), text)
 
 
 config = small_config()

@@ -46,3 +46,22 @@ def test_plan_attention_override_is_recorded(tmp_path):
     r, text = _plan(tmp_path, "--attention", "flash")
     assert r["model"]["attention"] == "flash" and r["model"]["attention_override"] == "flash"
     assert "attention flash (override --attention)" in text
+
+
+def test_sample_plan_lowers_to_the_samplers_program_on_four_devices(tmp_path):
+    """``plan --sample`` compiles what ``python -m svi_jax.sample`` runs (same StableHLO on the default 4-device
+    mesh), and its CLI reports the mesh, the resolved attention and the memory."""
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "sample_plan_identity_worker.py")], env=_env(4),
+                          capture_output=True, text=True, timeout=900, cwd=str(ROOT))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "OK identical" in proc.stdout
+    out = tmp_path / "sample_plan.json"
+    proc = subprocess.run([sys.executable, "-m", "svi_jax.plan", "--sample", "--config", str(ROOT / "configs" / "tiny.py"),
+                           "--devices", "4", "--num_steps", "2", "--json", str(out)], env=_env(1), capture_output=True,
+                          text=True, timeout=600, cwd=str(ROOT))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    r = json.loads(out.read_text())
+    assert r["mode"] == "sample" and r["mesh"]["data"] == 2 and r["mesh"]["context"] == 2
+    assert r["model"]["attention"] == "ulysses(flash)" and r["num_steps"] == 2
+    m = r["memory_per_device_gb"]
+    assert 0 < m["peak"] and m["arguments"] > 0 and r["fits"]
