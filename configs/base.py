@@ -15,6 +15,9 @@ def train_config(model: ml_collections.ConfigDict, name: str) -> ml_collections.
     # Architectures of randomly initialised encoders (used only where a checkpoint path is '').
     c.encoders = ml_collections.ConfigDict(dict(vae=ml_collections.ConfigDict(), t5=ml_collections.ConfigDict(),
                                                 clip=ml_collections.ConfigDict()))
+    # compute dtype of the frozen VAE / UMT5 / CLIP inside the train step: 'float32' (exact) or 'bfloat16' (params
+    # cast, about half the time and memory at full size; measured error in docs/train.md)
+    c.encoders.dtype = "float32"
     c.data = data_config()
     c.data.videos = ""       # a folder of videos (official layout) -> built into data.dataset on first use
     c.data.dataset = ""      # a built dataset (python -m svi_jax.data build ...); default: <workdir>/dataset

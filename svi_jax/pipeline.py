@@ -73,6 +73,13 @@ class Codec:
     def __init__(self, kind, cfg, params, encode, decode, z_dim):
         self.kind, self.cfg, self.params, self.encode, self.decode, self.z_dim = kind, cfg, params, encode, decode, z_dim
 
+    def in_dtype(self, dtype: str) -> "Codec":
+        """The Wan VAE computing in ``dtype`` (params cast); the patch codec is a fixed linear map, kept float32."""
+        if self.kind != "wan":
+            return self
+        cfg, params = _in_dtype(self.cfg, self.params, dtype)
+        return Codec("wan", cfg, params, vae_encode_fn(cfg), vae_decode_fn(cfg), self.z_dim)
+
     @classmethod
     def from_config(cls, config) -> "Codec":
         from svi_jax.models import patch_vae
@@ -90,6 +97,17 @@ class Codec:
             cfg = vae_mod.VAEConfig.from_dict({k: v for k, v in spec.items() if k != "kind"})
             params = vae_mod.init_params(cfg, int(config.train.seed) + 11)
         return cls("wan", cfg, params, vae_encode_fn(cfg), vae_decode_fn(cfg), cfg.z_dim)
+
+
+def _in_dtype(cfg, params, dtype: str):
+    """``(cfg, params)`` of a frozen encoder computing in ``dtype`` with its floating params cast to it."""
+    import dataclasses
+
+    import jax
+
+    cast = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    return dataclasses.replace(cfg, dtype=dtype, **({"param_dtype": dtype} if "param_dtype" in fields else {})), cast
 
 
 def make_text_encoder(config):
@@ -203,6 +221,14 @@ def make_conditioner(config, workdir: str | None = None):
     clip_cfg = clip_params = None
     if config.model.model_type == "i2v":
         clip_cfg, clip_params = make_image_encoder(config)
+    dtype = config.encoders.get("dtype", "float32")
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"config.encoders.dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    if dtype == "bfloat16":                      # the frozen encoders in bf16 inside the train step
+        codec = codec.in_dtype(dtype)
+        t5_cfg, t5_params = _in_dtype(t5_cfg, t5_params, dtype)
+        if clip_cfg is not None:
+            clip_cfg, clip_params = _in_dtype(clip_cfg, clip_params, dtype)
         if clip_cfg.dim != config.model.image_dim:
             raise ValueError(f"CLIP width {clip_cfg.dim} != config.model.image_dim {config.model.image_dim}")
     if t5_cfg.dim != config.model.text_dim:

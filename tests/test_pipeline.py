@@ -71,3 +71,37 @@ def test_handcrafted_degradation():
         alone, applied_t = f(jax.random.key(3), x[:, t:t + 1], 1.0, 0.5)
         np.testing.assert_array_equal(np.asarray(applied_t), np.asarray(applied))
         np.testing.assert_allclose(np.asarray(alone), np.asarray(y[:, t:t + 1]), rtol=1e-6, atol=1e-6)
+
+
+def test_bf16_encoders_stay_close_to_float32():
+    """``config.encoders.dtype='bfloat16'``: the frozen VAE / UMT5 / CLIP of the train step compute in bf16 (params
+    cast) and their outputs stay within the stated tolerance of float32 (docs/train.md)."""
+    from svi_jax.pipeline import make_conditioner
+
+    c = tiny.get_config()
+    c.encoders.vae = ml_collections.ConfigDict(dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+                                                    temperal_downsample=[False, True, True]))
+    c.data.update(num_frames=9, height=16, width=32)
+    k = jax.random.split(jax.random.key(4), 4)
+    batch = {"video": np.asarray(jax.random.uniform(k[0], (2, 9, 16, 32, 3), minval=-1, maxval=1)),
+             "cond": np.asarray(jax.random.uniform(k[1], (2, 9, 16, 32, 3), minval=-1, maxval=1)),
+             "first_frame": np.asarray(jax.random.uniform(k[2], (2, 16, 32, 3), minval=-1, maxval=1)),
+             "caption": np.array(["a boat", "the view pans left"], dtype=object)}
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        c.encoders.dtype = dtype
+        cond = make_conditioner(c)
+        out[dtype] = jax.jit(cond.prepare)(cond.params, cond.device_batch(batch), k[3])
+        if dtype == "bfloat16":
+            assert {str(a.dtype) for a in jax.tree.leaves(cond.params["t5"])} == {"bfloat16"}
+    errs = {}
+    for name in ("x0", "y", "context", "clip_fea"):
+        a, b = np.asarray(out["float32"][name], np.float32), np.asarray(out["bfloat16"][name], np.float32)
+        errs[name] = float(np.abs(a - b).max() / (np.abs(a).max() + 1e-12))
+        assert 0 < errs[name] < 0.05, errs          # bf16 rounding (3 significant digits), not a different model
+    c.encoders.dtype = "float16"
+    try:
+        make_conditioner(c)
+        raise AssertionError("float16 accepted")
+    except ValueError as e:
+        assert "encoders.dtype" in str(e)
