@@ -401,16 +401,22 @@ def test_kill_mid_clip_then_resume_is_identical(env, shot_run, tmp_path):
 
 
 def test_cli_bad_inputs_fail_with_one_error_line(env, tmp_path):
-    """Missing image, missing LoRA, a non-.mp4 --out: exit code 2 and one ``error:`` line naming the problem."""
+    """Missing image, missing LoRA, a non-.mp4 --out, a text encoder narrower than the DiT's text_dim, a T2V model
+    (the long-video sampler chains clips through image conditioning: I2V only): exit code 2, one ``error:`` line
+    naming the problem, and nothing written (no ``OUT.parts/``: the check comes before the first clip)."""
     def cmd(image, out, *extra):
         return [sys.executable, "-m", "svi_jax.sample", f"--config={env['cfg_path']}", f"--image={image}",
                 "--prompt=a boat", f"--out={out}", "--num_steps=1", "--noprogress", *extra]
 
     ref = str(env["dir"] / "ref.png")
-    cases = {"missing image": (cmd(str(tmp_path / "nope.png"), str(tmp_path / "a.mp4")), "nope.png"),
+    t2v = ("--config.model.model_type=t2v", "--config.model.in_dim=48", "--config.checkpoints.dit=")  # random T2V
+    cases = {"missing image": (cmd(str(tmp_path / "nope.png"), str(tmp_path / "a.mp4")), ["nope.png"]),
              "missing LoRA": (cmd(ref, str(tmp_path / "b.mp4"), f"--lora={tmp_path / 'no_lora.safetensors'}"),
-                              "no_lora.safetensors"),
-             "non-mp4 out": (cmd(ref, str(tmp_path / "c.avi")), "c.avi")}
+                              ["no_lora.safetensors"]),
+             "non-mp4 out": (cmd(ref, str(tmp_path / "c.avi")), ["c.avi"]),
+             "encoder width": (cmd(ref, str(tmp_path / "d.mp4"), "--config.encoders.t5.dim=24"),
+                               ["width 24", "text_dim 32"]),
+             "T2V model": (cmd(ref, str(tmp_path / "e.mp4"), *t2v), ["I2V", "'t2v'"])}
     e = dict(os.environ, JAX_PLATFORMS="cpu")
     procs = {k: subprocess.Popen(c, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for k, (c, _) in cases.items()}
@@ -419,5 +425,7 @@ def test_cli_bad_inputs_fail_with_one_error_line(env, tmp_path):
         err = err.decode()
         assert p.returncode == 2, (name, err[-2000:])
         lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-        assert lines[-1].startswith("error: ") and cases[name][1] in lines[-1], (name, err[-2000:])
+        assert lines[-1].startswith("error: ") and all(w in lines[-1] for w in cases[name][1]), (name, err[-2000:])
         assert "Traceback" not in err, (name, err[-2000:])
+        out = next(a for a in cases[name][0] if a.startswith("--out="))[len("--out="):]
+        assert not os.path.exists(out + ".parts") and not os.path.exists(out), (name, os.listdir(tmp_path))
