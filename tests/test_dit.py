@@ -295,7 +295,7 @@ def test_cli_converts(t2v_ref, tmp_path):
 def test_i2v_dit_to_torch_export_loads_in_diffusers(i2v_ref, tmp_path, dtype):
     """``dit-to-torch`` for I2V (img_emb, k_img/v_img) in fp32 and bf16: the official-layout file, mapped by
     diffusers' own single-file converter, loads into ``WanTransformer3DModel`` with every key and the same values
-    (bf16: the source rounded to bf16, stored as bf16)."""
+    (bf16: the source rounded to bf16, stored as bf16), and that model's forward equals ours."""
     import torch
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
     from safetensors.torch import load_file
@@ -316,6 +316,17 @@ def test_i2v_dit_to_torch_export_loads_in_diffusers(i2v_ref, tmp_path, dtype):
     fresh = type(model).from_config(model.config).to(tdt)
     fresh.load_state_dict(sd, strict=True)
     assert any("add_k_proj" in k for k in sd) and any("image_embedder" in k for k in sd)
+    # the exported weights in a float32 model (its rope buffers not rounded, as .to(bf16).float() would) have our
+    # forward on the checkpoint we exported (float32 compute on the stored values)
+    f32 = type(model).from_config(model.config).eval()
+    f32.load_state_dict(sd, strict=True)
+    x, y, ctx, clip, t = _inputs(True, 2, 5, 4, 6, 9, 4, 20, 7, 20, seed=4)
+    ours = svi_jax.load(str(tmp_path / "ours"))
+    assert ours.config.param_dtype == dtype
+    out = np.asarray(ours(x, t, ctx, clip_fea=clip, y=y))
+    err = max_rel_err(out, _torch_forward(f32, x, y, ctx, clip, t, ours.config.text_len))
+    print(f"dit-to-torch {dtype} export: diffusers forward vs ours, max rel err {err:.2e}")
+    assert err <= TOL
 
 
 def test_auto_dtype_keeps_bf16_sources(i2v_ref, tmp_path):

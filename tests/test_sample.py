@@ -363,20 +363,19 @@ def test_frame_count_and_outputs(env, shot_run, film, tmp_path):
     assert s3["total_frames"] == 3 * (T - 5) + 5 == video_io.count_frames(str(tmp_path / "film.mp4"))  # extended
 
 
-def _cli(env, out, extra_env=None, resume=False):
+def _cli(env, out, extra_env=None, resume=False, args=()):
     cmd = [sys.executable, "-m", "svi_jax.sample", f"--config={env['cfg_path']}", f"--image={env['dir'] / 'ref.png'}",
            f"--prompts={env['dir'] / 'prompts.txt'}", f"--out={out}", f"--num_steps={STEPS}", "--num_clips=3",
-           "--cycle_prompts", "--lossless", "--noprogress"] + (["--resume"] if resume else [])
+           "--cycle_prompts", "--lossless", "--noprogress", *args] + (["--resume"] if resume else [])
     e = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(env["dir"] / "jax_cache"),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
              **(extra_env or {}))
     return subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def test_kill_mid_clip_then_resume_is_identical(env, shot_run, tmp_path):
-    ref_out, _ = shot_run
-    out = str(tmp_path / "out.mp4")
-    proc = _cli(env, out, {"SVI_SAMPLE_PAUSE_AT": "1:1"})          # clip 2 of 3 sleeps at its second step
+def _kill_mid_clip_2(env, out, args=()):
+    """Run the CLI until clip 2 of 3 sleeps at its second step (the test-only pause hook), then SIGKILL it."""
+    proc = _cli(env, out, {"SVI_SAMPLE_PAUSE_AT": "1:1"}, args=args)
     try:
         deadline = time.time() + 600
         while not os.path.exists(out + ".paused"):
@@ -389,6 +388,12 @@ def test_kill_mid_clip_then_resume_is_identical(env, shot_run, tmp_path):
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     assert json.load(open(out + ".parts/state.json"))["next_clip"] == 1
+
+
+def test_kill_mid_clip_then_resume_is_identical(env, shot_run, tmp_path):
+    ref_out, _ = shot_run
+    out = str(tmp_path / "out.mp4")
+    _kill_mid_clip_2(env, out)
     proc = _cli(env, out, resume=True)
     stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr.decode()[-3000:]
@@ -400,17 +405,47 @@ def test_kill_mid_clip_then_resume_is_identical(env, shot_run, tmp_path):
     assert [c["seed"] for c in side["clips"]] == [0, 42, 84]
 
 
+
+def test_latent_chain_kill_mid_clip_then_resume_is_identical(env, shot_run, tmp_path):
+    """``--chain latent`` carries clip k's last latent frame into clip k+1 (not a re-encoding of its pixels): a
+    resumed run must restore those latents from ``OUT.mp4.parts/`` and give the uninterrupted run's frames."""
+    schedule = S.schedule_prompts(env["prompts"], 3, cycle=True)
+    inputs = {"image_sha256": S.file_sha256(str(env["dir"] / "ref.png")), "lora": None, "lora_scale": 1.0}
+    latent = S.LongVideoSampler(env["config"], num_steps=STEPS, cfg_scale=5.0, chain="latent")
+    ref_out = str(tmp_path / "uninterrupted.mp4")
+    S.generate(latent, env["ref"], schedule, ref_out, inputs=inputs, lossless=True, progress=False)
+    want = S.Output(ref_out).read_lossless()
+    pixel = S.Output(shot_run[0]).read_lossless()
+    np.testing.assert_array_equal(want[:T - 1], pixel[:T - 1])     # clip 1 has nothing carried yet
+    assert np.abs(want[T:].astype(int) - pixel[T:]).max() > 8      # later clips: the latent chain is another video
+    out = str(tmp_path / "out.mp4")
+    _kill_mid_clip_2(env, out, args=("--chain=latent",))
+    with np.load(S.Output(out).carry(1)) as z:
+        assert z["cond_latents"].shape[0] == 1                     # what clip 2 is conditioned on is on disk
+    proc = _cli(env, out, resume=True, args=("--chain=latent",))
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr.decode()[-3000:]
+    assert json.loads(stdout.decode().strip().splitlines()[-1])["frames"] == 3 * (T - 1) + 1
+    np.testing.assert_array_equal(S.Output(out).read_lossless(), want)
+    assert open(out, "rb").read() == open(ref_out, "rb").read()    # deterministic encoding: same bytes
+
 def test_cli_bad_inputs_fail_with_one_error_line(env, tmp_path):
-    """Missing image, missing LoRA, a non-.mp4 --out: exit code 2 and one ``error:`` line naming the problem."""
+    """Missing image, missing LoRA, a non-.mp4 --out, a text encoder narrower than the DiT's text_dim, a T2V model
+    (the long-video sampler chains clips through image conditioning: I2V only): exit code 2, one ``error:`` line
+    naming the problem, and nothing written (no ``OUT.parts/``: the check comes before the first clip)."""
     def cmd(image, out, *extra):
         return [sys.executable, "-m", "svi_jax.sample", f"--config={env['cfg_path']}", f"--image={image}",
                 "--prompt=a boat", f"--out={out}", "--num_steps=1", "--noprogress", *extra]
 
     ref = str(env["dir"] / "ref.png")
-    cases = {"missing image": (cmd(str(tmp_path / "nope.png"), str(tmp_path / "a.mp4")), "nope.png"),
+    t2v = ("--config.model.model_type=t2v", "--config.model.in_dim=48", "--config.checkpoints.dit=")  # random T2V
+    cases = {"missing image": (cmd(str(tmp_path / "nope.png"), str(tmp_path / "a.mp4")), ["nope.png"]),
              "missing LoRA": (cmd(ref, str(tmp_path / "b.mp4"), f"--lora={tmp_path / 'no_lora.safetensors'}"),
-                              "no_lora.safetensors"),
-             "non-mp4 out": (cmd(ref, str(tmp_path / "c.avi")), "c.avi")}
+                              ["no_lora.safetensors"]),
+             "non-mp4 out": (cmd(ref, str(tmp_path / "c.avi")), ["c.avi"]),
+             "encoder width": (cmd(ref, str(tmp_path / "d.mp4"), "--config.encoders.t5.dim=24"),
+                               ["width 24", "text_dim 32"]),
+             "T2V model": (cmd(ref, str(tmp_path / "e.mp4"), *t2v), ["I2V", "'t2v'"])}
     e = dict(os.environ, JAX_PLATFORMS="cpu")
     procs = {k: subprocess.Popen(c, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for k, (c, _) in cases.items()}
@@ -419,5 +454,7 @@ def test_cli_bad_inputs_fail_with_one_error_line(env, tmp_path):
         err = err.decode()
         assert p.returncode == 2, (name, err[-2000:])
         lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-        assert lines[-1].startswith("error: ") and cases[name][1] in lines[-1], (name, err[-2000:])
+        assert lines[-1].startswith("error: ") and all(w in lines[-1] for w in cases[name][1]), (name, err[-2000:])
         assert "Traceback" not in err, (name, err[-2000:])
+        out = next(a for a in cases[name][0] if a.startswith("--out="))[len("--out="):]
+        assert not os.path.exists(out + ".parts") and not os.path.exists(out), (name, os.listdir(tmp_path))

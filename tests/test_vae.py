@@ -213,6 +213,27 @@ def test_bad_checkpoints(tmp_path, torch_vae, capsys):
         conv.convert(write("other", {"foo.weight": torch.zeros(2)}), show_progress=False)
 
 
+def test_auto_dtype_keeps_bf16_sources(tmp_path, torch_vae, vae):
+    """``--dtype auto`` (the CLI default): a bf16 source gives a bf16 checkpoint holding the source's values
+    exactly, which decodes (float32 compute) as diffusers does with those weights; an fp32 source stays fp32 (the
+    ``vae`` fixture, converted by the CLI without ``--dtype``)."""
+    import copy
+
+    assert {str(a.dtype) for a in jax.tree.leaves(vae.params)} == {"float32"}
+    half = copy.deepcopy(torch_vae).to(torch.bfloat16)
+    half.save_pretrained(str(tmp_path / "bf16"))
+    assert from_torch_cli("vae", "--src", tmp_path / "bf16", "--dst", tmp_path / "ours") == 0
+    model = svi_jax.load(str(tmp_path / "ours"))
+    sd = half.state_dict()
+    for k, v in flatten(model.params).items():
+        assert str(v.dtype) == "bfloat16", k
+        np.testing.assert_array_equal(conv.to_torch(np.asarray(v, np.float32), k),
+                                      sd[conv.diffusers_key(k)].float().numpy(), err_msg=k)
+    z = np.random.default_rng(7).standard_normal((1, 2, H // 8, W // 8, 16)).astype(np.float32)
+    err = max_rel_err(model.decode(z), ref_decode(half.float(), z))
+    print(f"bf16-stored VAE decode vs diffusers (fp32 compute): max rel err {err:.2e}")
+    assert err <= TOL
+
 def test_save_load_and_mismatched_dir(tmp_path, vae):
     d = vae.save(str(tmp_path / "saved"))
     again = svi_jax.load(d)

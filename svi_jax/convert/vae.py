@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from svi_jax.convert.common import ConversionError, TensorSource, parse_dtype, peak_rss_mb, progress
+from svi_jax.convert.common import BF16, ConversionError, TensorSource, parse_dtype, peak_rss_mb, progress
 
 STRIP_PREFIXES = ("module.", "model.", "vae.")
 
@@ -252,7 +252,8 @@ def resolve_config(src: TensorSource, layout: str, config: dict | str | None = N
 # ------------------------------------------------------------------------------------------------ conversion
 
 def convert(src_path: str, config: dict | str | None = None, dtype=None, show_progress: bool = True):
-    """Read a PyTorch VAE checkpoint -> ``(VAEConfig, params)`` (nested dict of numpy arrays)."""
+    """Read a PyTorch VAE checkpoint -> ``(VAEConfig, params)`` (nested dict of numpy arrays) in ``dtype``
+    (``None`` / ``"auto"``: bfloat16 for a half-precision source, else float32)."""
     from svi_jax.checkpoint import unflatten
 
     src = TensorSource(src_path, strip_prefixes=STRIP_PREFIXES)
@@ -283,7 +284,9 @@ def convert(src_path: str, config: dict | str | None = None, dtype=None, show_pr
                               f"z_dim={cfg.z_dim} dim_mult={list(cfg.dim_mult)} "
                               f"num_res_blocks={cfg.num_res_blocks}):\n  " + "\n  ".join(shown))
 
-    out_dtype = parse_dtype(dtype) or np.dtype(np.float32)
+    out_dtype = parse_dtype(dtype)
+    if out_dtype is None:                        # auto: bf16 if the source is half precision (as the DiT converter)
+        out_dtype = BF16 if src.is_half(skeys["encoder/conv_in/kernel"]) else np.dtype(np.float32)
     flat = {}
     keys = sorted(by_src)
     it = progress(keys, total=len(keys), desc="VAE") if show_progress else keys
@@ -300,7 +303,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--config", default=None,
                         help="VAE config JSON (diffusers or svi_jax); default: config.json beside --src, "
                              "else Wan2.1")
-    parser.add_argument("--dtype", default="float32", help="stored param dtype (float32 | bfloat16)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "fp32", "bfloat16", "bf16"],
+                        help="stored param dtype: auto (bfloat16 for a half-precision source, else float32), "
+                             "float32, bfloat16")
 
 
 def run(args) -> None:
