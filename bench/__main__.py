@@ -138,9 +138,23 @@ def erft_bank_rows(res):
     return out or _generic_rows("ERFT banks", res, "(context only)", lambda r: True)
 
 
+def _sampler_plan_row(name: str, r: dict) -> dict:
+    m = r["memory_per_device_gb"]
+    mesh = " x ".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) or "1 device"
+    what = "Pro sampler, both experts" if "params_both_experts_gb_total" in r else "sampler"
+    return row(f"7. Plan ({name}): {what}, {r['config']} on {r['devices']} x {r['chip']} ({mesh}), "
+               f"{r['num_steps']} steps", f"peak {m['peak']:.1f} GB/device", f"HBM {r['chip_hbm_gb']:.0f} GB",
+               m["peak"] / r["chip_hbm_gb"], "fits (<= 1)", m["peak"] <= r["chip_hbm_gb"],
+               f"{r['target']} compiler; one clip's whole denoising loop; arguments {m['arguments']:.2f} GB, "
+               f"temporaries {m['temporaries']:.2f} GB")
+
+
 def plan_rows(res):
     out = []
     for name, r in sorted(res.get("plans", {}).items()):
+        if "memory_per_device_gb" in r:        # a sampler plan (plan --sample, svi_jax.pro_plan)
+            out.append(_sampler_plan_row(name, r))
+            continue
         try:
             pd, fl = r["per_device_gb"], r["flops"]
             mesh = " x ".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) or "1 device"
