@@ -221,6 +221,8 @@ def make_conditioner(config, workdir: str | None = None):
     clip_cfg = clip_params = None
     if config.model.model_type == "i2v":
         clip_cfg, clip_params = make_image_encoder(config)
+        if clip_cfg.dim != config.model.image_dim:
+            raise ValueError(f"CLIP width {clip_cfg.dim} != config.model.image_dim {config.model.image_dim}")
     dtype = config.encoders.get("dtype", "float32")
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"config.encoders.dtype must be 'float32' or 'bfloat16', got {dtype!r}")
@@ -229,8 +231,6 @@ def make_conditioner(config, workdir: str | None = None):
         t5_cfg, t5_params = _in_dtype(t5_cfg, t5_params, dtype)
         if clip_cfg is not None:
             clip_cfg, clip_params = _in_dtype(clip_cfg, clip_params, dtype)
-        if clip_cfg.dim != config.model.image_dim:
-            raise ValueError(f"CLIP width {clip_cfg.dim} != config.model.image_dim {config.model.image_dim}")
     if t5_cfg.dim != config.model.text_dim:
         raise ValueError(f"text encoder width {t5_cfg.dim} != config.model.text_dim {config.model.text_dim}")
     if codec.z_dim != config.model.out_dim:

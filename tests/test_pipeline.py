@@ -105,3 +105,17 @@ def test_bf16_encoders_stay_close_to_float32():
         raise AssertionError("float16 accepted")
     except ValueError as e:
         assert "encoders.dtype" in str(e)
+
+
+def test_conditioner_refuses_a_clip_width_that_is_not_the_dits():
+    from svi_jax.pipeline import make_conditioner
+
+    for dtype in ("float32", "bfloat16"):
+        c = tiny.get_config()
+        c.encoders.dtype = dtype
+        c.encoders.clip.dim = int(c.model.image_dim) + 8
+        try:
+            make_conditioner(c)
+            raise AssertionError(f"{dtype}: a CLIP of the wrong width was accepted")
+        except ValueError as e:
+            assert "CLIP width" in str(e), e
