@@ -595,3 +595,20 @@ def test_record_pack_bfloat16():
     back = cache.unpack(cache.pack(rec))
     assert back["a"].dtype == ml_dtypes.bfloat16 and back["s"] == "tëxt" and int(back["i"]) == 7
     np.testing.assert_array_equal(back["a"].astype(np.float32), rec["a"].astype(np.float32))
+
+
+def test_npy_byte_fields_read_back_without_a_copy():
+    """The builder's ``.npy`` fields (Talk audio features) read back exactly, as a read-only view of the record's
+    bytes (a clip takes only its windows of a long video's features); other layouts fall back to ``np.load``."""
+    import io
+
+    from svi_jax.data.builder import _npy_bytes, npy_from_bytes
+
+    a = np.random.default_rng(0).standard_normal((11, 3, 5)).astype(np.float32)
+    data = _npy_bytes(a)
+    v = npy_from_bytes(np.array(data, dtype=object))
+    np.testing.assert_array_equal(v, a)
+    assert not v.flags.writeable and v.base is not None
+    buf = io.BytesIO()
+    np.save(buf, np.asfortranarray(a))
+    np.testing.assert_array_equal(npy_from_bytes(buf.getvalue()), a)

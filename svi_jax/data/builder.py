@@ -239,9 +239,17 @@ def _npy_bytes(a) -> bytes:
 
 
 def npy_from_bytes(data) -> np.ndarray:
-    """Inverse of the builder's ``.npy`` byte fields (``audio``)."""
+    """Inverse of the builder's ``.npy`` byte fields (``audio``): a read-only view of the bytes, not a copy (a long
+    video's features are hundreds of MB and a clip reads only its windows of them)."""
     data = data.item() if isinstance(data, np.ndarray) else data
-    return np.load(io.BytesIO(data))
+    f = io.BytesIO(data)
+    fmt = np.lib.format
+    header = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(fmt.read_magic(f))
+    if header is not None:
+        shape, fortran, dtype = header(f)
+    if header is None or fortran or dtype.hasobject:      # not what the builder writes: the plain (copying) reader
+        return np.load(io.BytesIO(data))
+    return np.frombuffer(data, dtype=dtype, count=int(np.prod(shape)), offset=f.tell()).reshape(shape)
 
 
 def dataset_dir(out: str) -> str:
