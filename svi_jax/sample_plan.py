@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
+
 GB = 1e9
 
 
@@ -69,7 +71,7 @@ def plan(args, config, devices) -> dict:
     return {"mode": "sample", "config": args.config, "overrides": list(args.set), "target": args.target,
             "topology": args.topology or (P.default_topology(args.chip, args.devices) if args.target == "tpu" else ""),
             "devices": args.devices, "mesh": sizes, "chip": args.chip, "chip_hbm_gb": P.CHIPS[args.chip]["hbm_gb"],
-            "latent": list(latent), "tokens_per_clip": int(latent[0] * latent[1] * latent[2] // 4),
+            "latent": list(latent), "tokens_per_clip": int(np.prod(np.asarray(latent[:3]) // np.asarray(cfg.patch_size))),
             "num_steps": args.num_steps, "cfg_scale": cfg_scale,
             "model": {"dim": cfg.dim, "num_layers": cfg.num_layers, "param_dtype": cfg.param_dtype,
                       "attention": sample_mesh.resolved_attention(cfg, ms.mesh)},
