@@ -47,7 +47,7 @@ def init_trainable(config, dit_params: dict, lora: dict) -> dict:
     pose = dit_params[POSE]
     if adapter:
         from svi_jax.convert.dance import load_adapter
-        from svi_jax.train import ConfigError
+        from svi_jax.errors import ConfigError
 
         lora_a, pose, info = load_adapter(adapter, dit_params)
         if info["rank"] != int(config.lora.rank):

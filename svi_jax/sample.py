@@ -668,7 +668,7 @@ class StepBar:
 def main(argv) -> int:
     from absl import flags
 
-    from svi_jax.train import quiet_logs
+    from svi_jax.logs import quiet_logs
 
     FLAGS = flags.FLAGS
     if len(argv) > 1:

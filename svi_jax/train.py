@@ -34,14 +34,12 @@ from svi_jax import dance_train, flow, sharding
 from svi_jax import lora as lora_lib
 from svi_jax.models.dit import DiTConfig, WanDiT, init_params
 from svi_jax.models.layers import dtype_of
+from svi_jax.errors import ConfigError  # noqa: F401 (API: svi_jax.train.ConfigError)
+from svi_jax.logs import quiet_logs  # noqa: F401 (API)
 
 log = logging.getLogger("svi_jax.train")
 
 METRICS_FILE = "metrics.jsonl"
-
-
-class ConfigError(ValueError):
-    """A config value is invalid; the message names the field."""
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -561,21 +559,6 @@ class Trainer:
         self.ckpt.close()
         if hasattr(self.data, "close"):
             self.data.close()
-
-
-def quiet_logs():
-    """Our INFO logs on stderr; absl/orbax/tfds chatter only from WARNING up."""
-    from absl import logging as absl_logging
-
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    logging.getLogger().setLevel(logging.WARNING)
-    ours = logging.getLogger("svi_jax")
-    ours.setLevel(logging.INFO)
-    if not ours.handlers:
-        h = logging.StreamHandler()
-        h.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
-        ours.addHandler(h)
-        ours.propagate = False
 
 
 def _has_checkpoints(workdir: str) -> bool:

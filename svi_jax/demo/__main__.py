@@ -99,7 +99,7 @@ def main(argv) -> int:
 
     from svi_jax.demo import app as app_lib
     from svi_jax.demo import jobs, validate
-    from svi_jax.train import quiet_logs
+    from svi_jax.logs import quiet_logs
 
     FLAGS = flags.FLAGS
     if len(argv) > 1:

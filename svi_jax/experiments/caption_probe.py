@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="also write the rows here")
     a = p.parse_args(argv)
     from configs import tiny
-    from svi_jax.train import quiet_logs
+    from svi_jax.logs import quiet_logs
 
     quiet_logs()
     rows = run(tiny.get_config(), a.num_steps, a.lora, seed=a.seed)

@@ -249,7 +249,7 @@ def main(argv=None) -> int:
                    help="pre-train the base (and fit the codec) in the workdir instead of using the shipped one")
     a = p.parse_args(argv)
     from configs import drift as drift_cfg
-    from svi_jax.train import quiet_logs
+    from svi_jax.logs import quiet_logs
 
     quiet_logs()
     config = drift_cfg.get_quick_config() if a.quick else drift_cfg.get_config()
