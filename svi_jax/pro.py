@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from svi_jax.conditioning import build_y
-from svi_jax.sample import ChainState, to_float, to_uint8
+from svi_jax.clip_loop import ChainState, ClipLoop, to_float, to_uint8
 from svi_jax.sampler import NEGATIVE_PROMPT
 
 EXPERTS = ("high", "low")
@@ -125,7 +125,7 @@ def parse_lora(spec: Optional[str]) -> tuple[Optional[str], float]:
 # ------------------------------------------------------------------------------------------------ sampler
 
 
-class ProSampler:
+class ProSampler(ClipLoop):
     """The models and compiled functions of SVI 2.0 Pro long-video sampling, one clip at a time; the files, the
     resume state and the timings are :func:`svi_jax.sample.generate`'s (this object has the interface it uses).
 
@@ -145,7 +145,7 @@ class ProSampler:
         from svi_jax import lora as lora_lib
         from svi_jax import pipeline
         from svi_jax.models.dit import DiTConfig
-        from svi_jax.sample import resolve_lora
+        from svi_jax.sample_output import resolve_lora
         from svi_jax.sampler import resolve_cfg_batch
         from svi_jax.sampler_experts import make_expert_sampler
 
@@ -255,16 +255,8 @@ class ProSampler:
 
     def rollout(self, reference_u8: np.ndarray, prompts: Sequence[str], seed: int = 0, seed_times: int = 42,
                 repeat_first_clip: bool = False) -> np.ndarray:
-        """The stitched uint8 video in memory (the same clips and seeds as :func:`generate`)."""
-        from svi_jax.sample import clip_seed
-
-        state, clips = self.initial_state(reference_u8), []
-        for k, prompt in enumerate(prompts):
-            y, _ = self.conditioning(state, reference_u8)
-            latents = self.sample(prompt, y, None, clip_seed(seed, k, seed_times), k)
-            clips.append(self.decode(latents))
-            state = self.next_state(state, clips[-1], latents)
-        return stitch(clips, self.overlap)
+        """The stitched uint8 video in memory (the same clips and seeds as :func:`svi_jax.sample.generate`)."""
+        return stitch([r.frames for r in self.clips(reference_u8, prompts, seed, seed_times)], self.overlap)
 
     @property
     def new_frames_per_clip(self) -> int:
@@ -295,7 +287,7 @@ class ProSampler:
 
 def cli_sampler(config, FLAGS, *, shift: float, cfg_scale, on_step) -> tuple[ProSampler, dict]:
     """``svi_jax.sample --chain pro``: the sampler and the input records (the LoRA pair's files and hashes)."""
-    from svi_jax.sample import file_sha256, resolve_lora
+    from svi_jax.sample_output import file_sha256, resolve_lora
 
     if FLAGS.lora:
         raise ValueError("--chain pro takes the LoRA pair as --lora_high / --lora_low (PATH[:STRENGTH]), not --lora")

@@ -365,7 +365,7 @@ def load(path: str, defaults: Defaults, resolve=None, loras_refused: Optional[st
 
 
 class ClipRunner:
-    """Switches a :class:`svi_jax.sample.LongVideoSampler` to clip ``k``'s settings (``generate(clip_setup=...)``):
+    """Switches a :class:`svi_jax.long_video.LongVideoSampler` to clip ``k``'s settings (``generate(clip_setup=...)``):
     its compiled sampler (cached per ``steps, cfg_scale, solver``), negative prompt and merged LoRA params (the
     current set plus ``max_cached`` earlier ones stay merged). :meth:`restore` puts the flags' settings back."""
 
@@ -423,7 +423,7 @@ def _spec(path, strength):
 def from_flags(FLAGS, config, cfg_scale: float) -> Schedule:
     """The ``--schedule`` of ``python -m svi_jax.sample``, checked against the flags it cannot be combined with."""
     from svi_jax.lora_formats import parse_specs
-    from svi_jax.sample import resolve_lora
+    from svi_jax.sample_output import resolve_lora
 
     if FLAGS.prompts:
         raise ScheduleError("give either --schedule FILE (prompts per clip) or --prompts FILE, not both (--prompt "
@@ -459,7 +459,7 @@ def check_resume(out: str, schedule: Optional[Schedule]) -> None:
     """``--resume``: the generation in ``OUT.mp4.parts`` was started with this very schedule (or none); raises
     :class:`ScheduleError` (a ``ValueError``: ``python -m svi_jax.sample`` runs as ``__main__``, so its own
     ``ResumeError`` class is not the one importable here)."""
-    from svi_jax.sample import Output
+    from svi_jax.sample_output import Output
 
     path = Output(out).state_json
     try:

@@ -12,7 +12,7 @@
 * :func:`make_talk_sampler`: the 3-pass guidance ``uncond + s_t (cond - drop_text) + s_a (drop_text - uncond)``
   (text 2, audio 5): cond = prompt + audio, drop_text = negative prompt + audio, uncond = negative prompt + all-zero
   audio windows (which still go through ``audio_proj``); every pass sees the image conditioning.
-* :class:`TalkSampler`: :class:`svi_jax.sample.LongVideoSampler` with the audio of each clip.
+* :class:`TalkSampler`: :class:`svi_jax.long_video.LongVideoSampler` with the audio of each clip.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import numpy as np
 
 from svi_jax import flow
 from svi_jax.data.audio import AUDIO_WINDOW, FPS, VAE_SCALE, audio_windows, frame_windows, split_windows  # noqa: F401
-from svi_jax.sample import ChainState, LongVideoSampler
+from svi_jax.long_video import ChainState, LongVideoSampler
 from svi_jax.sampler import _batch, _pad_len, euler_sigmas, integrate, unipc_sigmas
 
 log = logging.getLogger("svi_jax.talk")
@@ -230,7 +230,8 @@ class TalkRun:
     one motion frame, reference padding), and the audio muxed into the output after every clip."""
 
     def __init__(self, flags, config, prompts):
-        from svi_jax.sample import file_sha256, schedule_prompts
+        from svi_jax.prompts import schedule_prompts
+        from svi_jax.sample_output import file_sha256
 
         if not flags.audio:
             raise ValueError("a MultiTalk config (config.model.multitalk) needs --audio FILE")

@@ -6,7 +6,7 @@ import dataclasses
 import io
 from typing import Optional
 
-from svi_jax.sample import PromptFileError, parse_prompts, schedule_prompts
+from svi_jax.prompts import PromptFileError, parse_prompts, schedule_prompts
 
 # what PIL reads and browsers upload as photos or drawings; anything else (SVG, PDF, PSD, ...) is refused
 IMAGE_FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "BMP": "bmp", "GIF": "gif", "TIFF": "tif"}
@@ -72,7 +72,7 @@ def check_image(data: bytes, limits: Limits, name: str = "the image") -> str:
 
 def check_prompts(text: Optional[str], limits: Limits) -> list[str]:
     """The prompts of a prompt stream: one per line (blank lines and ``#`` lines skipped) or a Python-style list,
-    as ``--prompts FILE`` reads it (:func:`svi_jax.sample.parse_prompts`)."""
+    as ``--prompts FILE`` reads it (:func:`svi_jax.prompts.parse_prompts`)."""
     text = (text or "").replace("\r\n", "\n")
     if len(text) > limits.max_prompt_stream_chars:
         raise InputError(f"the prompt stream is {len(text)} characters, above the limit of "

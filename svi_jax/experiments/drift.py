@@ -12,7 +12,7 @@ Stages (each skipped when its output exists, so an interrupted run continues):
             instead of banked errors, Tab. 7); Film-setting LoRAs (5 motion frames, zero padding) for ``film_variants``;
             ERFT LoRAs with other bank sizes for ``capacities`` (Tab. 8);
 4. rollouts each model chained for ``num_clips`` clips from held-out pictures (pictures never seen in training) by
-            ``svi_jax.sample.LongVideoSampler.rollout`` (the sampler users run; clip k has seed ``seed + 42 k``), Shot
+            ``svi_jax.long_video.LongVideoSampler.rollout`` (the sampler users run; clip k has seed ``seed + 42 k``), Shot
             chaining (and Film for the Film LoRAs), for every seed; the ERFT LoRA at the ``strengths`` (Tab. 7 bottom);
 5. metrics  svi_jax.eval.drift per clip against the reference image and the ground-truth continuation;
 6. report   ``report.md``, ``results.json``, ``drift.png``, ``paired.png`` (paired differences vs plain with
@@ -183,7 +183,7 @@ def stage_rollouts(config, workdir: str, base_dir: str, runs: dict) -> dict:
     from svi_jax.data import scroll
     from svi_jax.eval import drift
     from svi_jax.models.dit import DiT
-    from svi_jax.sample import LongVideoSampler
+    from svi_jax.long_video import LongVideoSampler
 
     e, d = config.experiment, config.data
     cfg = with_base(config, base_dir)
