@@ -18,6 +18,7 @@ from svi_jax import dance
 from svi_jax import sample as S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAUSE = os.path.join(ROOT, "tests", "sample_pause.py")    # the CLI pausing at CLIP:STEP (the test-only hook)
 CFG = os.path.join(ROOT, "configs", "dance_tiny.py")
 T, H, W, STEPS = 9, 32, 48, 2
 
@@ -140,8 +141,9 @@ def test_pose_is_kept_in_the_unconditional_pass(env):
                            np.asarray(got), atol=1e-3)                 # the pose drives the result
 
 
-def _cli(env, out, extra_env=None, resume=False):
-    cmd = [sys.executable, "-m", "svi_jax.sample", f"--config={CFG}", f"--image={env['dir'] / 'ref.png'}",
+def _cli(env, out, extra_env=None, resume=False, pause=None):
+    run = [PAUSE, pause, out + ".paused"] if pause else ["-m", "svi_jax.sample"]
+    cmd = [sys.executable, *run, f"--config={CFG}", f"--image={env['dir'] / 'ref.png'}",
            f"--pose_dir={env['dir'] / 'poses'}", "--prompt=the person is dancing", f"--out={out}",
            f"--lora={env['dir'] / 'adapter'}", f"--num_steps={STEPS}", "--num_clips=3", "--keep_first_prompt",
            "--lossless", "--noprogress", "--nocfg_batch"] + (["--resume"] if resume else [])
@@ -156,7 +158,7 @@ def test_dance_cli_kill_then_resume_is_identical(env, tmp_path):
     ref_img = S.load_image(str(env["dir"] / "ref.png"), H, W)
     want = s.rollout(ref_img, ["the person is dancing"] * 3)            # uninterrupted, in memory
     out = str(tmp_path / "dance.mp4")
-    proc = _cli(env, out, {"SVI_SAMPLE_PAUSE_AT": "1:1"})               # clip 2 of 3 sleeps at its second step
+    proc = _cli(env, out, pause="1:1")                                  # clip 2 of 3 sleeps at its second step
     try:
         deadline = time.time() + 600
         while not os.path.exists(out + ".paused"):

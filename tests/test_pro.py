@@ -20,6 +20,7 @@ from svi_jax import sample as S
 from svi_jax.pro import ProSampler, pro_y, stitch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAUSE = os.path.join(ROOT, "tests", "sample_pause.py")    # the CLI pausing at CLIP:STEP (the test-only hook)
 STEPS = 3
 
 
@@ -131,8 +132,9 @@ def test_chaining_passes_the_latents_not_decoded_frames(env):
     assert float(jnp.abs(y1[0, 2:, ..., 4:]).max()) == 0.0
 
 
-def _cli(env, out, extra_env=None, resume=False):
-    cmd = [sys.executable, "-m", "svi_jax.sample", f"--config={env['cfg']}", f"--image={env['dir'] / 'ref.png'}",
+def _cli(env, out, extra_env=None, resume=False, pause=None):
+    run = [PAUSE, pause, out + ".paused"] if pause else ["-m", "svi_jax.sample"]
+    cmd = [sys.executable, *run, f"--config={env['cfg']}", f"--image={env['dir'] / 'ref.png'}",
            f"--prompts={env['dir'] / 'prompts.txt'}", f"--out={out}", f"--num_steps={STEPS}", "--num_clips=3",
            "--cycle_prompts", "--lossless", "--noprogress", "--chain=pro", "--nocfg_batch",
            "--negative_prompt=" + S.NEGATIVE_PROMPT] + (["--resume"] if resume else [])
@@ -144,7 +146,7 @@ def _cli(env, out, extra_env=None, resume=False):
 
 def test_kill_mid_clip_then_resume_gives_identical_frames(env, tmp_path):
     out = str(tmp_path / "pro.mp4")
-    proc = _cli(env, out, {"SVI_SAMPLE_PAUSE_AT": "1:1"})          # clip 2 of 3 sleeps at its second step
+    proc = _cli(env, out, pause="1:1")                             # clip 2 of 3 sleeps at its second step
     try:
         deadline = time.time() + 900
         while not os.path.exists(out + ".paused"):

@@ -26,6 +26,7 @@ from svi_jax.conditioning import i2v_mask
 from svi_jax.sampler import integrate, make_sampler, unipc_sigmas
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAUSE = os.path.join(ROOT, "tests", "sample_pause.py")    # the CLI pausing at CLIP:STEP (the test-only hook)
 T, H, W = 9, 8, 8          # 9 frames -> 3 latent frames of 4x4 (patch 2); Film's 5 motion frames fit
 STEPS = 3
 
@@ -363,8 +364,9 @@ def test_frame_count_and_outputs(env, shot_run, film, tmp_path):
     assert s3["total_frames"] == 3 * (T - 5) + 5 == video_io.count_frames(str(tmp_path / "film.mp4"))  # extended
 
 
-def _cli(env, out, extra_env=None, resume=False, args=()):
-    cmd = [sys.executable, "-m", "svi_jax.sample", f"--config={env['cfg_path']}", f"--image={env['dir'] / 'ref.png'}",
+def _cli(env, out, extra_env=None, resume=False, args=(), pause=None):
+    run = [PAUSE, pause, out + ".paused"] if pause else ["-m", "svi_jax.sample"]
+    cmd = [sys.executable, *run, f"--config={env['cfg_path']}", f"--image={env['dir'] / 'ref.png'}",
            f"--prompts={env['dir'] / 'prompts.txt'}", f"--out={out}", f"--num_steps={STEPS}", "--num_clips=3",
            "--cycle_prompts", "--lossless", "--noprogress", *args] + (["--resume"] if resume else [])
     e = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(env["dir"] / "jax_cache"),
@@ -374,8 +376,8 @@ def _cli(env, out, extra_env=None, resume=False, args=()):
 
 
 def _kill_mid_clip_2(env, out, args=()):
-    """Run the CLI until clip 2 of 3 sleeps at its second step (the test-only pause hook), then SIGKILL it."""
-    proc = _cli(env, out, {"SVI_SAMPLE_PAUSE_AT": "1:1"}, args=args)
+    """Run the CLI until clip 2 of 3 sleeps at its second step (tests/sample_pause.py), then SIGKILL it."""
+    proc = _cli(env, out, args=args, pause="1:1")
     try:
         deadline = time.time() + 600
         while not os.path.exists(out + ".paused"):

@@ -19,6 +19,7 @@ from einops import rearrange
 from svi_jax import talk
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAUSE = os.path.join(ROOT, "tests", "sample_pause.py")    # the CLI pausing at CLIP:STEP (the test-only hook)
 
 
 def official_cut_audio_embedding(audio_embed, num_frames, audio_start_idx=0):
@@ -121,15 +122,15 @@ def _image(path):
     Image.fromarray((r.rand(32, 48, 3) * 255).astype(np.uint8)).save(path)
 
 
-def _cmd(tmp_path, out, *extra):
-    return [sys.executable, "-m", "svi_jax.sample", f"--config={ROOT}/configs/talk_tiny.py",
+def _cmd(tmp_path, out, *extra, pause=None):
+    run = [PAUSE, pause, f"{out}.paused"] if pause else ["-m", "svi_jax.sample"]
+    return [sys.executable, *run, f"--config={ROOT}/configs/talk_tiny.py",
             f"--image={tmp_path / 'face.png'}", f"--audio={tmp_path / 'speech.wav'}", "--prompt=a person is talking",
             f"--out={out}", "--num_steps=3", "--lossless", "--noprogress", *extra]
 
 
 def _env(**kw):
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", **kw)
-    env.pop("SVI_SAMPLE_PAUSE_AT", None)
     env.update(kw)
     return env
 
@@ -165,7 +166,7 @@ def test_talk_cli_kill_and_resume_identical(talk_run):
 
     tmp, full = talk_run
     out = tmp / "resumed.mp4"
-    proc = subprocess.Popen(_cmd(tmp, out), env=_env(SVI_SAMPLE_PAUSE_AT="1:1"), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(_cmd(tmp, out, pause="1:1"), env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     paused = str(out) + ".paused"
     t0 = time.time()
