@@ -20,6 +20,10 @@ frame(s) of clip ``k`` itself instead of a VAE re-encoding of decoded frames (se
 Output: ``OUT.mp4`` (rewritten atomically after every clip, always playable), ``OUT.json`` (prompts, seeds,
 timings, frame layout) and the work directory ``OUT.mp4.parts/`` (one mp4 segment per clip, the state for
 ``--resume``: next clip index, carried frames / latents, settings).
+
+This module is the command line and its file/resume path (:func:`generate`); the samplers and the one per-clip
+loop live in :mod:`svi_jax.long_video` and :mod:`svi_jax.clip_loop`, the files and the resume state in
+:mod:`svi_jax.sample_output` (their names are re-exported here).
 """
 from __future__ import annotations
 
