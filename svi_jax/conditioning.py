@@ -31,3 +31,14 @@ def build_y(cond_latents, num_frames: int, num_marked: int = 1):
     if mask.shape[0] != f:
         raise ValueError(f"{num_frames} pixel frames give {mask.shape[0]} latent frames, the latents have {f}")
     return jnp.concatenate([jnp.broadcast_to(mask, (b,) + mask.shape), cond_latents], axis=-1)
+
+
+def pro_y16(anchor_latent, motion_latents, num_latents: int):
+    """SVI 2.0 Pro's ``[B, F, h, w, C]``: the anchor latent, the motion latent(s) (``None`` for clip 0), zero latents."""
+    parts = [anchor_latent] + ([] if motion_latents is None else [motion_latents.astype(anchor_latent.dtype)])
+    used = sum(p.shape[1] for p in parts)
+    if used > num_latents:
+        raise ValueError(f"{used} conditioning latents do not fit in {num_latents} latent frames")
+    b, _, h, w, c = anchor_latent.shape
+    parts.append(jnp.zeros((b, num_latents - used, h, w, c), anchor_latent.dtype))
+    return jnp.concatenate(parts, axis=1)

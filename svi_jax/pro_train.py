@@ -23,14 +23,11 @@ here that is not the Shot recipe is our choice:
 """
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from svi_jax import flow
-from svi_jax.pipeline import PixelConditioner
-from svi_jax.pro import EXPERTS, pro_y16
-from svi_jax.conditioning import build_y
+from svi_jax.conditioners import ProConditioner, make_pro_conditioner  # noqa: F401 (moved there; aliases)
+from svi_jax.models.experts import EXPERTS
 
 
 def split_index(boundary: float, steps: int, shift: float) -> int:
@@ -73,44 +70,4 @@ def timestep_id_range(config, shift: float) -> tuple[int, int]:
     return (0, n) if pro.expert == "high" else (n, n_train)
 
 
-class ProConditioner(PixelConditioner):
-    """Pixel batches (``video``, ``anchor``, caption) -> ``{x0, y, context, clip_fea=None}`` with the Pro ``y``."""
-
-    def __init__(self, config, *args, **kwargs):
-        super().__init__(config, *args, **kwargs)
-        self.n_motion = int(config.pro.motion_latents)
-        self.p_first = float(config.pro.get("p_first_clip", 0.0))
-
-    def prepare(self, params, batch, key):
-        from svi_jax.models.t5 import UMT5
-
-        x0 = self._vae(params["vae"], batch["video"])
-        anchor = self._vae(params["vae"], batch["anchor"][:, None])            # [B, 1, h, w, C]
-        f = x0.shape[1]
-        y16 = pro_y16(anchor, x0[:, 1:1 + self.n_motion], f)
-        if self.p_first > 0:                                                   # the clip-0 form [x0[:1], zeros]
-            first = jax.random.uniform(key, (x0.shape[0],)) < self.p_first
-            y16 = jnp.where(first[:, None, None, None, None], pro_y16(x0[:, :1], None, f), y16)
-        ctx = UMT5(self.t5_cfg).apply({"params": params["t5"]}, batch["ids"], batch["ids_mask"])
-        return {"x0": x0, "y": build_y(y16, self.num_frames), "context": ctx, "clip_fea": None}
-
-    def device_batch(self, batch: dict) -> dict:
-        if "anchor" not in batch:
-            raise ValueError("SVI 2.0 Pro training needs an anchor frame per clip: set config.data.anchor='outside'")
-        ids, mask = self.tokenizer([str(c) for c in batch["caption"]])
-        return {"ids": jnp.asarray(ids, jnp.int32), "ids_mask": jnp.asarray(mask, jnp.int32),
-                "video": jnp.asarray(batch["video"], jnp.float32),
-                "anchor": jnp.asarray(batch["anchor"], jnp.float32)}
-
-
-def make_conditioner(config):
-    """The frozen VAE + UMT5 (no CLIP in Wan2.2) around :class:`ProConditioner`."""
-    from svi_jax import pipeline
-
-    codec = pipeline.Codec.from_config(config)
-    t5_cfg, t5_params, tok = pipeline.make_text_encoder(config)
-    if t5_cfg.dim != config.model.text_dim:
-        raise ValueError(f"text encoder width {t5_cfg.dim} != config.model.text_dim {config.model.text_dim}")
-    if codec.z_dim != config.model.out_dim:
-        raise ValueError(f"VAE z_dim {codec.z_dim} != config.model.out_dim {config.model.out_dim}")
-    return ProConditioner(config, codec, t5_cfg, t5_params, tok)
+make_conditioner = make_pro_conditioner   # the Pro conditioner lives in svi_jax.conditioners (alias)

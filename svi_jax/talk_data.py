@@ -19,6 +19,7 @@ import os
 
 import numpy as np
 
+from svi_jax.conditioners import TalkConditioner  # noqa: F401 (moved there; alias)
 from svi_jax.data import builder
 from svi_jax.data.loader import ClipLoader
 
@@ -61,27 +62,6 @@ def is_built(path: str) -> bool:
     return os.path.isfile(os.path.join(path, builder.SUMMARY_FILE))
 
 
-class TalkConditioner:
-    """:class:`svi_jax.pipeline.PixelConditioner` plus the audio windows of the batch (``inputs['audio']``)."""
-
-    def __init__(self, base):
-        self.base = base
-        self.params = base.params
-
-    def prepare(self, params, batch, key):
-        out = self.base.prepare(params, batch, key)
-        out["audio"] = (batch["audio_first"], batch["audio_later"])
-        return out
-
-    def device_batch(self, batch: dict) -> dict:
-        import jax.numpy as jnp
-
-        out = self.base.device_batch(batch)
-        out["audio_first"] = jnp.asarray(batch["audio_first"], jnp.float32)
-        out["audio_later"] = jnp.asarray(batch["audio_later"], jnp.float32)
-        return out
-
-
 def drop_audio(key, audio, p: float):
     """Zero each example's audio windows with probability ``p`` (official p 0.1, train_svi_talk.py L969-973)."""
     import jax
@@ -100,7 +80,7 @@ def make_talk_data(config, workdir: str, host_id=None, num_hosts=None) -> ClipLo
         if not d.videos:
             raise ValueError("SVI-Talk training needs config.data.videos (talking-head videos with audio) or "
                              "config.data.dataset (a built talk dataset)")
-        from svi_jax.talk import make_audio_encoder
+        from svi_jax.encoders import make_audio_encoder
 
         build_talk_dataset(d.videos, path, make_audio_encoder(config), int(d.num_frames))
     loader = ClipLoader(path, d, host_id=host_id, num_hosts=num_hosts)

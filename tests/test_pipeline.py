@@ -8,7 +8,7 @@ import numpy as np
 
 from configs import tiny
 from svi_jax.conditioning import build_y, i2v_mask
-from svi_jax.pipeline import ByteTokenizer, Codec
+from svi_jax.encoders import ByteTokenizer, Codec
 
 
 def test_i2v_mask_marks_only_the_first_frame():
@@ -76,7 +76,7 @@ def test_handcrafted_degradation():
 def test_bf16_encoders_stay_close_to_float32():
     """``config.encoders.dtype='bfloat16'``: the frozen VAE / UMT5 / CLIP of the train step compute in bf16 (params
     cast) and their outputs stay within the stated tolerance of float32 (docs/train.md)."""
-    from svi_jax.pipeline import make_conditioner
+    from svi_jax.conditioners import make_conditioner
 
     c = tiny.get_config()
     c.encoders.vae = ml_collections.ConfigDict(dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
@@ -108,7 +108,7 @@ def test_bf16_encoders_stay_close_to_float32():
 
 
 def test_conditioner_refuses_a_clip_width_that_is_not_the_dits():
-    from svi_jax.pipeline import make_conditioner
+    from svi_jax.conditioners import make_conditioner
 
     for dtype in ("float32", "bfloat16"):
         c = tiny.get_config()

@@ -303,34 +303,28 @@ def encoders_from_checkpoints(vae: str, t5: str, clip: Optional[str] = None, tok
 
 def encoders_from_train_config(config) -> Encoders:
     """The encoders the trainer itself would use for `config` (checkpoints or its seeded random tiny
-    encoders), via svi_jax.pipeline."""
+    encoders), via svi_jax.encoders (jitted, float32 as loaded)."""
     import jax
     import jax.numpy as jnp
 
-    from svi_jax import pipeline
-    from svi_jax.models.t5 import UMT5
+    from svi_jax.encoders import make_encoders
 
-    codec = pipeline.Codec.from_config(config)
-    t5_cfg, t5_params, tok = pipeline.make_text_encoder(config)
-    enc_video = jax.jit(codec.encode)
-    enc_text = jax.jit(lambda p, ids, m: UMT5(t5_cfg).apply({"params": p}, ids, m))
+    enc = make_encoders(config)
+    enc_video, enc_text = jax.jit(enc.latents), jax.jit(enc.context)
 
     def video(x):
-        return np.asarray(enc_video(codec.params, jnp.asarray(x, jnp.float32)))
+        return np.asarray(enc_video(enc.codec.params, jnp.asarray(x, jnp.float32)))
 
     def text(captions):
-        ids, mask = tok([str(c) for c in captions])
-        return np.asarray(enc_text(t5_params, jnp.asarray(ids), jnp.asarray(mask))), np.asarray(mask)
+        ids, mask = enc.tokenize(captions)
+        return np.asarray(enc_text(enc.t5_params, jnp.asarray(ids), jnp.asarray(mask))), np.asarray(mask)
 
     image = None
-    if config.model.model_type == "i2v":
-        from svi_jax.models.clip import CLIPVisionTower, preprocess
-
-        clip_cfg, clip_params = pipeline.make_image_encoder(config)
-        enc_img = jax.jit(lambda p, x: CLIPVisionTower(clip_cfg).apply({"params": p}, preprocess(x, clip_cfg)))
+    if enc.clip_cfg is not None:
+        enc_img = jax.jit(enc.clip_tokens)
 
         def image(x):
-            return np.asarray(enc_img(clip_params, jnp.asarray(x, jnp.float32)))
+            return np.asarray(enc_img(enc.clip_params, jnp.asarray(x, jnp.float32)))
 
     ck = config.checkpoints
     desc = {"train_config": config.get("name", ""), "vae": ck.vae or "random", "t5": ck.t5 or "random",

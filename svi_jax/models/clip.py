@@ -192,6 +192,13 @@ class CLIPVisionTower(nn.Module):
         return x
 
 
+def clip_tokens(cfg: CLIPConfig, params, images):
+    """CLIP tokens ``[B, 1 + (image_size/patch)^2, dim]`` of frames ``[B, H, W, 3]`` in [-1, 1]: Wan's preprocessing,
+    then the tower computing in ``cfg.dtype``. Pure and jittable; the one "apply CLIP to frames" of the package
+    (training, the latent cache, sampling and :class:`CLIPVision` all call it)."""
+    return CLIPVisionTower(cfg).apply({"params": params}, preprocess(images, cfg).astype(dtype_of(cfg.dtype)))
+
+
 def _dummy(cfg: CLIPConfig):
     return jnp.zeros((1, cfg.image_size, cfg.image_size, 3), jnp.float32)
 
@@ -213,8 +220,7 @@ class CLIPVision:
         self.config = config if isinstance(config, CLIPConfig) else CLIPConfig.from_dict(config)
         self.params = params
         self.module = CLIPVisionTower(self.config)
-        self._fn = jax.jit(lambda p, img: self.module.apply({"params": p}, preprocess(img, self.config)
-                                                            .astype(dtype_of(self.config.dtype))))
+        self._fn = jax.jit(lambda p, img: clip_tokens(self.config, p, img))
 
     @classmethod
     def init(cls, config: CLIPConfig | dict, seed: int = 0) -> "CLIPVision":
