@@ -128,6 +128,6 @@ def check_finite(flat: Mapping[str, Any] | Iterable[tuple[str, Any]], what: str)
 
 
 def check_tree_finite(tree, what: str) -> None:
-    from svi_jax.checkpoint import flatten
+    from svi_jax.trees import flatten
 
     check_finite(flatten(tree), what)

@@ -16,7 +16,7 @@ the only masking is of the padding that the kernels need (and of a ragged sequen
   attention). cuDNN takes bf16/fp16 only: fp32 inputs are cast to bf16 and the output cast back. Key padding (a
   ragged sequence split over ``context``) is masked with ``key_value_seq_lengths``.
 
-``local_kernel(name)`` gives the function ``(q, k, v, scale, block_q, block_kv, kv_len) -> o`` that the
+``attention_parallel.local_kernel(name)`` gives the function ``(q, k, v, scale, block_q, block_kv, kv_len) -> o`` that the
 sequence-parallel wrappers (:mod:`svi_jax.models.attention_parallel`) run on each device.
 """
 from __future__ import annotations
@@ -105,22 +105,7 @@ def cudnn_attention(q, k, v, scale: float | None = None, block_q: int = 0, block
     return o.astype(dt)
 
 
-def flash_kernel(q, k, v, scale=None, block_q: int = 512, block_kv: int = 512, kv_len=None):
-    from svi_jax.models.attention_parallel import flash_attention
-
-    return flash_attention(q, k, v, scale, block_q, block_kv, kv_len=kv_len)
-
-
-LOCAL_KERNELS = {"splash": splash_attention, "cudnn": cudnn_attention, "flash": flash_kernel}
-
-
 def backend_kernel(plat: str | None = None) -> str:
     """The fused kernel of a platform: ``splash`` on TPU, ``cudnn`` on GPU, ``flash`` (blockwise JAX) elsewhere."""
     plat = plat or platform()
     return {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn", "rocm": "flash"}.get(plat, "flash")
-
-
-def local_kernel(name: str):
-    if name not in LOCAL_KERNELS:
-        raise ValueError(f"no local attention kernel {name!r}; one of {sorted(LOCAL_KERNELS)}")
-    return LOCAL_KERNELS[name]

@@ -37,7 +37,7 @@ from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
-from svi_jax.models.attention_kernels import RESIDUAL_NAME as RESIDUALS, backend_kernel, local_kernel
+from svi_jax.models.attention_kernels import RESIDUAL_NAME as RESIDUALS, backend_kernel, cudnn_attention, splash_attention
 
 NEG = -1e30  # masked score (finite, so exp() underflows to 0 without inf - inf = nan)
 BATCH_AXES = ("data", "fsdp")
@@ -185,6 +185,20 @@ def flash_attention(q, k, v, scale: float | None = None, block_q: int = 512, blo
 
 
 # ------------------------------------------------------------------------------------------------ ring
+
+
+def flash_kernel(q, k, v, scale=None, block_q: int = 512, block_kv: int = 512, kv_len=None):
+    return flash_attention(q, k, v, scale, block_q, block_kv, kv_len=kv_len)
+
+
+LOCAL_KERNELS = {"splash": splash_attention, "cudnn": cudnn_attention, "flash": flash_kernel}
+
+
+def local_kernel(name: str):
+    """The per-device kernel ``(q, k, v, scale, block_q, block_kv, kv_len) -> o`` run inside the shard_map."""
+    if name not in LOCAL_KERNELS:
+        raise ValueError(f"no local attention kernel {name!r}; one of {sorted(LOCAL_KERNELS)}")
+    return LOCAL_KERNELS[name]
 
 
 def _ring_perm(c):
