@@ -57,7 +57,7 @@ def _clip_tokens(config) -> int:
 def plan(args, config, devices) -> dict:
     import jax
 
-    from svi_jax import plan as P
+    from svi_jax import plan_common as P
     from svi_jax import sample_mesh
 
     cfg_scale = float(config.get("sample", {}).get("cfg_scale", 5.0))
@@ -84,7 +84,7 @@ def run(args) -> dict:
     """``python -m svi_jax.plan --sample``: the sampler's plan on the target's devices."""
     import jax
 
-    from svi_jax import plan as P
+    from svi_jax import plan_common as P
 
     config = P.load_config(args.config, args.set)
     if args.attention:

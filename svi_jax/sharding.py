@@ -262,9 +262,8 @@ def state_specs(config, state, mesh, tx=None, encoder_cfgs: Optional[Mapping[str
     """``PartitionSpec`` of every leaf of the train state (``state`` may be abstract)."""
     import optax
 
-    from svi_jax.train import make_optimizer
-
-    tx = tx or make_optimizer(config)
+    if tx is None:      # the optimizer is passed in (svi_jax.train.make_optimizer): sharding imports no trainer
+        raise TypeError("state_specs needs the optimizer (tx) whose state it lays out")
     specs = {}
     p = state["params"]
     pspecs = {"dit": dit_specs(config.model.to_dict(), p["dit"], mesh)}
