@@ -141,7 +141,7 @@ def train_step_part(S, reps, results, peak, policies=REMAT):
 
     from svi_jax import sharding, train
     from svi_jax.models.dit import DiTConfig, init_params
-    from svi_jax.pipeline import LatentConditioner
+    from svi_jax.conditioners import LatentConditioner
     from svi_jax.plan import analytic_flops
 
     for policy in policies:

@@ -86,7 +86,7 @@ def run(quick: bool, bank_gb: float | None = None, reps: int | None = None) -> d
 
     from svi_jax import erft
     from svi_jax.models.dit import init_params, DiTConfig
-    from svi_jax.pipeline import LatentConditioner
+    from svi_jax.conditioners import LatentConditioner
     from svi_jax.train import init_state, latent_shape, make_train_step
 
     c = QUICK if quick else MID

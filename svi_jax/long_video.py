@@ -27,7 +27,7 @@ class LongVideoSampler(ClipLoop):
     :func:`svi_jax.sample.generate`'s).
 
     Models come from ``config.checkpoints`` or, for tiny configs, the same seeded random init the trainer uses
-    (``svi_jax.train.load_frozen_params``, ``svi_jax.pipeline`` encoders), so a LoRA trained with
+    (``svi_jax.train.load_frozen_params``, ``svi_jax.encoders``), so a LoRA trained with
     ``python -m svi_jax.train --config configs/tiny.py`` samples on the base it was trained on. The LoRA (our export
     or an official SVI file) is merged once, ``W += lora_scale * B @ A``: a step costs what the base model's does.
     """
@@ -37,7 +37,7 @@ class LongVideoSampler(ClipLoop):
                  motion_frames: Optional[int] = None, pad: Optional[str] = None, negative_prompt: str = NEGATIVE_PROMPT,
                  dit_params=None, dit_config=None, on_step: Optional[Callable[[int], None]] = None,
                  cfg_batch: Optional[bool] = None, streams: Sequence = (), mesh=None, keep_base: bool = False):
-        from svi_jax import pipeline
+        from svi_jax import encoders
         from svi_jax.models.dit import DiTConfig
 
         if config.model.model_type != "i2v":
@@ -73,9 +73,9 @@ class LongVideoSampler(ClipLoop):
         self.base_params = dit_params if keep_base else None        # per-clip LoRA sets merge into the base
         self.params = self.merge_loras(dit_params, lora, lora_scale) if lora else dit_params
 
-        self.codec = pipeline.Codec.from_config(config)
-        self.t5_cfg, self.t5_params, self.tokenizer = pipeline.make_text_encoder(config)
-        self.clip_cfg, self.clip_params = pipeline.make_image_encoder(config)
+        self.codec = encoders.Codec.from_config(config)
+        self.t5_cfg, self.t5_params, self.tokenizer = encoders.make_text_encoder(config)
+        self.clip_cfg, self.clip_params = encoders.make_image_encoder(config)
         if self.t5_cfg.dim != self.dit_config.text_dim:
             raise ValueError(f"text encoder width {self.t5_cfg.dim} != DiT text_dim {self.dit_config.text_dim}")
         if self.clip_cfg.dim != self.dit_config.image_dim:
@@ -134,11 +134,9 @@ class LongVideoSampler(ClipLoop):
         return UMT5(self.t5_cfg).apply({"params": params}, ids, mask)
 
     def _clip_fn(self, params, first):
-        from svi_jax.models.clip import CLIPVisionTower, preprocess
-        from svi_jax.models.layers import dtype_of
+        from svi_jax.models.clip import clip_tokens
 
-        return CLIPVisionTower(self.clip_cfg).apply(
-            {"params": params}, preprocess(first, self.clip_cfg).astype(dtype_of(self.clip_cfg.dtype)))
+        return clip_tokens(self.clip_cfg, params, first)
 
     def _cond_fn(self, vae_params, clip_params, video, first):
         z = self.codec.encode(vae_params, video)

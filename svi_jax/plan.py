@@ -113,7 +113,7 @@ def build_step(config, devices, sizes: dict, batch_size: int):
 
     from svi_jax import sharding, train
     from svi_jax.models.dit import DiTConfig, param_shapes
-    from svi_jax.pipeline import LatentConditioner
+    from svi_jax.conditioners import LatentConditioner
 
     mesh = sharding.make_mesh(sizes, devices=devices)
     F, H, W, C = train.latent_shape(config)

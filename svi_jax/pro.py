@@ -143,7 +143,7 @@ class ProSampler(ClipLoop):
                  t_dtype: str = "bfloat16", experts: Optional[dict] = None,
                  on_step: Optional[Callable[[int], None]] = None, cfg_batch: Optional[bool] = None):
         from svi_jax import lora as lora_lib
-        from svi_jax import pipeline
+        from svi_jax import encoders
         from svi_jax.models.dit import DiTConfig
         from svi_jax.sample_output import resolve_lora
         from svi_jax.sampler import resolve_cfg_batch
@@ -175,8 +175,8 @@ class ProSampler(ClipLoop):
             path, scale = loras[name]
             p = experts[name]
             self.params[name] = p if not path else lora_lib.merge_file(p, resolve_lora(path), scale=float(scale))
-        self.codec = pipeline.Codec.from_config(config)
-        self.t5_cfg, self.t5_params, self.tokenizer = pipeline.make_text_encoder(config)
+        self.codec = encoders.Codec.from_config(config)
+        self.t5_cfg, self.t5_params, self.tokenizer = encoders.make_text_encoder(config)
         if self.t5_cfg.dim != self.dit_config.text_dim:
             raise ValueError(f"text encoder width {self.t5_cfg.dim} != DiT text_dim {self.dit_config.text_dim}")
         if self.codec.z_dim != self.dit_config.out_dim:

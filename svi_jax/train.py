@@ -317,12 +317,12 @@ class Trainer:
             raise ConfigError(str(e)) from None
         key = jax.random.key(config.train.seed)
         if conditioner is None:
-            from svi_jax.pipeline import make_conditioner
+            from svi_jax.conditioners import make_conditioner
 
             conditioner = make_conditioner(config, self.workdir)
         self.conditioner = conditioner
         if data is None:
-            from svi_jax.pipeline import make_data
+            from svi_jax.data.factory import make_data
 
             data = make_data(config, self.workdir)
         self.data = data

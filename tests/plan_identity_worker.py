@@ -11,7 +11,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from svi_jax import plan, train  # noqa: E402
-from svi_jax.pipeline import LatentConditioner  # noqa: E402
+from svi_jax.conditioners import LatentConditioner  # noqa: E402
 from tests.hlo_text import strip  # noqa: E402
 
 assert jax.device_count() == 8

@@ -21,7 +21,7 @@ from svi_jax import sharding, train  # noqa: E402
 from svi_jax.models import attention_parallel as ap  # noqa: E402
 from svi_jax.models.dit import DiTConfig, init_params  # noqa: E402
 from svi_jax.models.layers import attention  # noqa: E402
-from svi_jax.pipeline import LatentConditioner  # noqa: E402
+from svi_jax.conditioners import LatentConditioner  # noqa: E402
 
 assert jax.device_count() == 8, jax.devices()
 B = 8
