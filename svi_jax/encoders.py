@@ -77,7 +77,8 @@ class Codec:
     """
 
     def __init__(self, kind, cfg, params, encode, decode, z_dim):
-        self.kind, self.cfg, self.params, self.encode, self.decode, self.z_dim = kind, cfg, params, encode, decode, z_dim
+        self.kind, self.cfg, self.params, self.z_dim = kind, cfg, params, z_dim
+        self.encode, self.decode = encode, decode
 
     def in_dtype(self, dtype: str) -> "Codec":
         """The Wan VAE computing in ``dtype`` (params cast); the patch codec is a fixed linear map, kept float32."""
