@@ -4,7 +4,7 @@
                                             # latent 5x30x52x16 (1,950 tokens), 50 grids x K, banks full
     python bench/erft_step_bench.py --quick # tiny sizes, seconds
 
-Cached-latent batches (``svi_jax.pipeline.LatentConditioner``: no encoders in the step), the step jitted with the
+Cached-latent batches (``svi_jax.conditioners.LatentConditioner``: no encoders in the step), the step jitted with the
 state donated as ``Trainer`` does, and the state threaded through the repeats. Both banks start *full* (every grid
 holds K random errors) so every insert takes the replacement path (an L2 scan over the grid's K entries): the
 steady state of a long run, and the expensive one. Warm-up is over (``erft.warmup_steps = 0``).

@@ -35,7 +35,7 @@ def build_y(cond_latents, num_frames: int, num_marked: int = 1):
 
 def pro_y16(anchor_latent, motion_latents, num_latents: int):
     """SVI 2.0 Pro's ``[B, F, h, w, C]``: the anchor latent, the motion latent(s) (``None`` for clip 0), zero
-    latents (the layout of sampling's :func:`svi_jax.pro.pro_y16`, which should become an import of this one)."""
+    latents; training (:class:`svi_jax.conditioners.ProConditioner`) and sampling (:mod:`svi_jax.pro`) both use it."""
     parts = [anchor_latent] + ([] if motion_latents is None else [motion_latents.astype(anchor_latent.dtype)])
     used = sum(p.shape[1] for p in parts)
     if used > num_latents:

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from svi_jax.conditioning import build_y
+from svi_jax.conditioning import build_y, pro_y16  # noqa: F401 (API: svi_jax.pro.pro_y16)
 from svi_jax.clip_loop import ChainState, ClipLoop, to_float, to_uint8
 from svi_jax.sampler import NEGATIVE_PROMPT
 
@@ -50,17 +50,6 @@ PRO_DEFAULTS = dict(boundary=0.875, overlap=4, motion_latents=1, cfg_scale=5.0, 
 
 
 # ------------------------------------------------------------------------------------------------ conditioning
-
-
-def pro_y16(anchor_latent, motion_latents, num_latents: int):
-    """``[B, F, h, w, C]``: the anchor latent, the motion latent(s) (``None`` for clip 0), zero latents."""
-    parts = [anchor_latent] + ([] if motion_latents is None else [motion_latents.astype(anchor_latent.dtype)])
-    used = sum(p.shape[1] for p in parts)
-    if used > num_latents:
-        raise ValueError(f"{used} conditioning latents do not fit in {num_latents} latent frames")
-    b, _, h, w, c = anchor_latent.shape
-    parts.append(jnp.zeros((b, num_latents - used, h, w, c), anchor_latent.dtype))
-    return jnp.concatenate(parts, axis=1)
 
 
 def pro_y(anchor_latent, motion_latents, num_frames: int):

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from svi_jax import flow
+from svi_jax.encoders import make_audio_encoder  # noqa: F401 (API: svi_jax.talk.make_audio_encoder)
 from svi_jax.data.audio import AUDIO_WINDOW, FPS, VAE_SCALE, audio_windows, frame_windows, split_windows  # noqa: F401
 from svi_jax.long_video import ChainState, LongVideoSampler
 from svi_jax.sampler import _batch, _pad_len, euler_sigmas, integrate, unipc_sigmas
@@ -87,17 +88,6 @@ def make_talk_sampler(dit_config, num_steps: int = 50, shift: float = 5.0, cfg_t
         return integrate(velocity, noise.astype(jnp.float32), grid, solver, on_step)
 
     return jax.jit(sample) if jit else sample
-
-
-def make_audio_encoder(config):
-    """wav2vec2 from ``config.checkpoints.wav2vec2`` or a seeded random tiny one (``config.encoders.wav2vec2``)."""
-    from svi_jax.models import wav2vec2 as w2v
-
-    path = config.checkpoints.get("wav2vec2", "")
-    if path:
-        return w2v.Wav2Vec2Encoder.from_dir(path)
-    cfg = w2v.Wav2Vec2Config.from_dict(config.encoders.wav2vec2.to_dict())
-    return w2v.Wav2Vec2Encoder(cfg, w2v.init_params(cfg, jax.random.key(int(config.train.seed) + 14)))
 
 
 def audio_features(config, audio_path: str) -> np.ndarray:
