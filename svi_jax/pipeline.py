@@ -155,11 +155,11 @@ class PixelConditioner:
 
         if self.i2v:
             cond = batch["cond"]
-            hp = float(self.config.erft.get("handcrafted_p", 0.0))
-            if hp > 0:   # the Tab. 7 baseline: handcrafted degradations of the condition frames
+            hp = float(self.config.get("baseline", {}).get("handcrafted_p", 0.0))
+            if hp > 0:   # the Tab. 7 baseline (config.baseline): handcrafted degradations of the condition frames
                 from svi_jax.augment import degrade
 
-                cond, _ = degrade(key, cond, float(self.config.erft.get("handcrafted_strength", 1.0)), hp)
+                cond, _ = degrade(key, cond, float(self.config.baseline.get("handcrafted_strength", 1.0)), hp)
             both = jnp.concatenate([batch["video"], cond], axis=0)     # one encode for clip + condition
             z = self._vae(params["vae"], both)
             x0, zc = jnp.split(z, 2, axis=0)

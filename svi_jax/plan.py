@@ -63,9 +63,13 @@ def parse_mesh(text: str) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The plan's flags; ``--config.a.b=value`` overrides (and the deprecated ``--set a.b=value``) are collected in
+    ``args.set`` for :func:`load_config`."""
     p = _cli.ArgumentParser(prog="python -m svi_jax.plan", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="training config file, e.g. configs/shot.py")
+                            formatter_class=argparse.RawDescriptionHelpFormatter, config_overrides=True,
+                            overrides_dest="set", override_aliases=("--set",))
+    p.add_argument("--config", required=True, help="training config file, e.g. configs/shot.py; override any field "
+                   "with --config.a.b=value, e.g. --config.erft.capacity=250 --config.model.num_layers=2")
     p.add_argument("--devices", type=int, required=True, help="number of (fake) devices")
     p.add_argument("--mesh", default="", help="axis=size list, e.g. data=8,fsdp=8 (unset axes: 1, -1 = the rest; "
                    "default: the config's mesh)")
@@ -80,8 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "TPU); the report records an override")
     p.add_argument("--remat_policies", default="", help="also compile the step with each of these remat policies "
                    "(comma list, or 'all' = full,save_attention,offload_attention) and report their memory")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set erft.capacity=250 --set model.num_layers=2")
     p.add_argument("--json", default="", help="also write the report here")
     p.add_argument("--label", default="", help="a free-text label stored in the report")
     p.add_argument("--sample", action="store_true", help="plan the sampler instead of the train step: the program "
@@ -91,37 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _coerce(old, value: str):
-    if isinstance(old, bool):
-        return value.lower() in ("1", "true", "yes")
-    if isinstance(old, int):
-        return int(value)
-    if isinstance(old, float):
-        return float(value)
-    return value
-
-
-def load_config(path: str, sets):
-    from ml_collections import config_flags  # noqa: F401  (ml_collections is a dependency anyway)
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("plan_config", path)
-    mod = importlib.util.module_from_spec(spec)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    spec.loader.exec_module(mod)
-    config = mod.get_config()
-    for item in sets:
-        key, value = item.split("=", 1)
-        *parents, leaf = key.split(".")
-        node = config
-        for name in parents:
-            node = node[name]
-        if leaf not in node:
-            raise KeyError(f"--set {key}: no such config field")
-        node[leaf] = _coerce(node[leaf], value)
-    return config
+def load_config(path: str, sets=()):
+    """The config of ``path`` (``PATH[:ARG]``) with the ``KEY=VALUE`` overrides ``sets``, every key checked
+    (:func:`svi_jax.cli.load_config`, the loader of every argparse command)."""
+    return _cli.load_config(path, list(sets or ()))
 
 
 # ------------------------------------------------------------------------------------------------ devices
