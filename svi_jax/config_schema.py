@@ -163,6 +163,16 @@ def _check_rules(rules) -> None:
                               f"the mesh axes are {', '.join(MESH_AXES)}")
 
 
+def logical_rules(config):
+    """``config.sharding.rules`` as the tuple ``svi_jax.sharding`` takes (``rules=``: tuples, not the lists of a
+    JSON round trip); None where the config has no sharding section (the caller's default: ``LOGICAL_RULES``)."""
+    rules = config.get("sharding", {}).get("rules") if hasattr(config, "get") else None
+    if rules is None:
+        return None
+    _check_rules(rules)
+    return tuple((str(n), t if t is None or isinstance(t, str) else tuple(t)) for n, t in rules)
+
+
 def _walk(node, path: str) -> None:
     known = known_keys(path, node)
     if known is None:

@@ -154,6 +154,8 @@ def test_sharding_rules_in_the_config():
     cli.apply_override(c, "sharding.rules=(('embed', ('fsdp', 'context')), ('heads', None))")
     assert c.sharding.rules == (("embed", ("fsdp", "context")), ("heads", None))
     config_schema.check(c)
+    assert config_schema.logical_rules(json.loads(c.to_json())) == c.sharding.rules    # lists -> tuples
+    assert config_schema.logical_rules({"model": {}}) is None
     c.sharding.rules = (("embed", "fsdp_"),)
     with pytest.raises(config_schema.ConfigError, match="the mesh axes are data, fsdp, context, tensor"):
         config_schema.check(c)
