@@ -314,21 +314,17 @@ def _override_error(argv: Sequence[str]) -> str | None:
 
 
 def check_flag_config(debug: bool) -> None:
-    """After absl parsed the flags: refuse an unknown key in ``--config`` (one line, exit 2)."""
+    """After absl parsed the flags: refuse an unknown key in ``--config`` (one line, exit 2; a config file that
+    failed to load is reported the same way)."""
     from absl import flags
 
     from svi_jax import config_schema
-    from svi_jax.errors import ConfigError
 
     if "config" not in flags.FLAGS or flags.FLAGS["config"].value is None:
         return
-    try:
-        config_schema.check(flags.FLAGS.config)
-    except ConfigError as e:
-        if debug:
-            raise
-        print(f"error: {message(e)}", file=sys.stderr)
-        sys.exit(2)
+    rc = guard(lambda: config_schema.check(flags.FLAGS.config), debug)
+    if rc:
+        sys.exit(rc)
 
 
 def absl_run(main: Callable[[list[str]], int], define_flags: Callable[[], None]) -> None:
