@@ -8,34 +8,18 @@ ground-truth continuation is known exactly at any length. Latents: Wan's 4x time
 projected on 16 principal components (svi_jax/models/patch_vae.py: a linear autoencoder fitted in closed form,
 33 dB on held-out clips), then the DiT's 2x2 patch: a token carries 2x2 latents x 16 channels = 64 numbers, as
 in Wan, into width 192. Text and image encoders: random tiny UMT5 / CLIP (frozen features of the caption bytes and
-the first frame). The base is pre-trained on every weight (``--train_base``) or taken from the package
-(svi_jax/assets/tiny_base: DiT + codec.npz).
+the first frame): the model and encoders of configs/tiny.py. The base is pre-trained on every weight
+(``--train_base``) or taken from the package (svi_jax/assets/tiny_base: DiT + codec.npz).
 """
 import os
 
 import ml_collections
 
-import svi_jax
-from configs import base, wan_i2v_14b
+from configs import base, tiny
 
-TINY_BASE = os.path.join(os.path.dirname(svi_jax.__file__), "assets", "tiny_base")
-
-
-def model_config():
-    model = wan_i2v_14b.get_config()
-    model.update(dim=192, num_layers=4, num_heads=4, ffn_dim=512, freq_dim=64, text_dim=32, text_len=80,
-                 image_dim=32, in_dim=16 * 2 + 4, out_dim=16, param_dtype="float32", dtype="float32",
-                 remat_policy="none")
-    return model
-
-
-def encoders(c, codec_path: str):
-    c.encoders.vae = ml_collections.ConfigDict(dict(kind="patch", spatial=2, temporal=4, components=16,
-                                                    basis=codec_path))
-    c.encoders.t5 = ml_collections.ConfigDict(dict(vocab_size=258, dim=32, dim_attn=32, dim_ffn=64, num_heads=2,
-                                                   num_layers=2, num_buckets=8, max_distance=16, text_len=80))
-    c.encoders.clip = ml_collections.ConfigDict(dict(image_size=28, patch_size=14, dim=32, mlp_dim=64, num_heads=2,
-                                                     num_layers=2))
+TINY_BASE = tiny.TINY_BASE
+model_config = tiny.model_config   # the tiny Wan-shaped I2V DiT and its encoders (configs/tiny.py)
+encoders = tiny.encoders
 
 
 def get_config():

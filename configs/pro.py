@@ -11,7 +11,8 @@ No official Pro training code exists: see svi_jax/pro_train.py for which choices
 """
 import ml_collections
 
-from configs import base, wan22_i2v_a14b
+from configs import base
+from configs.models import wan22_i2v_a14b
 from svi_jax.pro import PRO_DEFAULTS
 
 

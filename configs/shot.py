@@ -4,7 +4,8 @@
       --config.checkpoints.dit=ckpt/dit --config.checkpoints.vae=ckpt/vae --config.checkpoints.t5=ckpt/t5 \
       --config.checkpoints.clip=ckpt/clip --config.data.videos=/data/mixkit
 """
-from configs import base, wan_i2v_14b
+from configs import base
+from configs.models import wan_i2v_14b
 
 
 def get_config():

@@ -1,5 +1,6 @@
 """A smaller real-size run: Wan2.1-T2V-1.3B with ERFT (no image branch: no image error), 81x480x832."""
-from configs import base, wan_t2v_1_3b
+from configs import base
+from configs.models import wan_t2v_1_3b
 
 
 def get_config():

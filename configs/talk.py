@@ -15,7 +15,8 @@ clean 0.2). See docs/talk.md.
 """
 import ml_collections
 
-from configs import base, wan_i2v_14b
+from configs import base
+from configs.models import wan_i2v_14b
 
 
 def talk_fields(c, p_drop_audio=0.1):

@@ -1,9 +1,2 @@
-"""Wan2.1-T2V-14B DiT: as I2V-14B without the image branch (in_dim 16)."""
-from configs import wan_i2v_14b
-
-
-def get_config():
-    c = wan_i2v_14b.get_config()
-    c.model_type = "t2v"
-    c.in_dim = 16
-    return c
+"""Deprecated alias (one release): use configs.models.wan_t2v_14b (the model presets live in configs/models/)."""
+from configs.models.wan_t2v_14b import get_config  # noqa: F401

@@ -6,7 +6,12 @@ Used by ``python -m svi_jax.train``, ``python -m svi_jax.sample``, ``convert/fro
 svi_jax.data``, ``python -m svi_jax.plan`` and ``python -m svi_jax.eval.drift``::
 
     sys.exit(cli.run(main, argv))                       # argparse tools
-    cli.absl_run(main, _define_flags)                   # absl tools (train, sample)
+    cli.absl_run(main, _define_flags)                   # absl tools (train, sample, demo)
+
+Configs: every command that takes ``--config FILE`` overrides its fields with ``--config.a.b=value`` and checks
+every key once at start-up (:mod:`svi_jax.config_schema`: an unknown key is one line naming the closest known one);
+the argparse commands load with :func:`load_config` (``ArgumentParser(config_overrides=True)``), the absl ones
+with ml_collections' config flag, checked by :func:`absl_run`. ``--help`` lists the config fields and their values.
 
 Messages never advise weakening a safety check (``weights_only=False``, ``strict=False``): text from a library that
 does is replaced by a neutral explanation.
@@ -125,41 +130,158 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
 
 HELP_FLAGS = ("--help", "-h", "-?", "--helpshort", "--helpfull")
 DEFAULT_HELP_CONFIG = "configs/tiny.py"
+OVERRIDE_PREFIX = "--config."
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ------------------------------------------------------------------------------------------------ configs
+
+
+def _config_path(spec: str) -> tuple[str, str]:
+    """``PATH[:ARG]`` -> ``(path, arg)``, a relative path that is not under the working directory taken from the
+    repository root (``configs/tiny.py`` works from anywhere)."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path) and os.path.isfile(os.path.join(_ROOT, path)):
+        path = os.path.join(_ROOT, path)
+    return path, arg
+
+
+def coerce(old, text: str):
+    """An override's text as the type of the field's current value ``old`` (bool, int, float, str, tuple/list,
+    None: a Python literal or the text)."""
+    import ast
+
+    if isinstance(old, bool):
+        low = text.strip().lower()
+        if low not in ("1", "true", "yes", "0", "false", "no"):
+            raise ValueError(f"expected true or false, got {text!r}")
+        return low in ("1", "true", "yes")
+    if isinstance(old, int):
+        return int(text)
+    if isinstance(old, float):
+        return float(text)
+    if isinstance(old, str):
+        return text
+    if isinstance(old, (tuple, list)) or old is None:
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            if old is None:
+                return text
+            raise ValueError(f"expected a Python literal such as (1, 2), got {text!r}") from None
+        return type(old)(value) if isinstance(old, (tuple, list)) and isinstance(value, (tuple, list)) else value
+    return text
+
+
+def apply_override(config, item: str) -> None:
+    """``KEY=VALUE`` (``a.b.c=v``) set on ``config``; an unknown key is one line with the closest known key."""
+    from svi_jax import config_schema
+    from svi_jax.errors import ConfigError
+
+    key, eq, value = item.partition("=")
+    key = key.strip().removeprefix("config.")
+    if not eq or not key:
+        raise ConfigError(f"--config.{item}: expected --config.KEY=VALUE")
+    config_schema.check_path(config, key)
+    *parents, leaf = key.split(".")
+    node = config
+    for name in parents:
+        node = node[name]
+    if config_schema._is_section(node[leaf]):
+        raise ConfigError(f"config.{key}: is a section; set its fields (--config.{key}.FIELD=VALUE)")
+    try:
+        node[leaf] = coerce(node[leaf], value)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"config.{key}={value}: {message(e)}") from None
+
+
+def load_config(spec: str, overrides: Sequence[str] = (), check: bool = True):
+    """The config of file ``PATH[:ARG]`` (its ``get_config([ARG])``; the repository root on ``sys.path``) with the
+    ``KEY=VALUE`` overrides applied in order, then checked key by key (:func:`svi_jax.config_schema.check`).
+
+    The one config loader of the argparse commands (``python -m svi_jax.plan``, ``python -m svi_jax.data cache``);
+    the absl commands (train, sample, demo) load with ml_collections' ``--config`` flag and check the same way."""
+    import importlib.util
+
+    from svi_jax import config_schema
+    from svi_jax.errors import ConfigError
+
+    path, arg = _config_path(spec)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(2, "no such config file", path)
+    for d in (os.path.dirname(os.path.dirname(os.path.abspath(path))), _ROOT):
+        if d not in sys.path:
+            sys.path.insert(0, d)
+    mod_spec = importlib.util.spec_from_file_location("_svi_config", path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    if not hasattr(mod, "get_config"):
+        raise ConfigError(f"{path}: a config file defines get_config()")
+    config = mod.get_config(arg) if arg else mod.get_config()
+    if check:
+        config_schema.check(config)      # the file's own keys first: an override cannot hide a typo in the file
+    for item in overrides:
+        apply_override(config, item)
+    return config
+
+
+def split_config_overrides(argv: Sequence[str], aliases: Sequence[str] = ()) -> tuple[list[str], list[str]]:
+    """``(the other arguments, ["a.b=v", ...])`` of ``--config.a.b=v`` / ``--config.a.b v`` in ``argv`` (up to a
+    ``--``); each of ``aliases`` (e.g. the deprecated ``--set a.b=v``) is read as one, with a one-line note."""
+    rest, out, noted = [], [], False
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            rest += argv[i:]
+            break
+        name = next((x for x in aliases if a == x or a.startswith(x + "=")), None)
+        if a.startswith(OVERRIDE_PREFIX) or name:
+            item = a[len(OVERRIDE_PREFIX):] if not name else a[len(name) + 1:]
+            if (not name and "=" not in item) or (name and a == name):
+                if i + 1 >= len(argv):
+                    raise SystemExit(f"error: {a} needs a value (see --help)")
+                item = f"{item}={argv[i + 1]}" if not name else argv[i + 1]
+                i += 1
+            if name and not noted:
+                print(f"note: {name} KEY=VALUE is deprecated; use --config.KEY=VALUE", file=sys.stderr)
+                noted = True
+            out.append(item)
+        else:
+            rest.append(a)
+        i += 1
+    return rest, out
 
 
 def _config_for_help(argv: Sequence[str]):
     """``(path, ConfigDict)`` of ``--config`` in ``argv`` (``PATH[:ARG]``), else of :data:`DEFAULT_HELP_CONFIG`."""
-    import importlib.util
-
     spec = DEFAULT_HELP_CONFIG
     for i, a in enumerate(argv):
         if a.startswith("--config="):
             spec = a.split("=", 1)[1]
         elif a == "--config" and i + 1 < len(argv):
             spec = argv[i + 1]
-    path, _, arg = spec.partition(":")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if not os.path.isfile(path) and os.path.isfile(os.path.join(root, path)):
-        path = os.path.join(root, path)
-    for d in (root, os.getcwd()):
-        if d not in sys.path:
-            sys.path.insert(0, d)
-    mod_spec = importlib.util.spec_from_file_location("_help_config", path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    return spec, (mod.get_config(arg) if arg else mod.get_config())
+    return spec, load_config(spec, check=False)
 
 
 def config_fields(config, prefix: str = "config") -> list[tuple[str, object]]:
     """Every leaf field of a ConfigDict as ``(dotted name, value)``, in order."""
-    out = []
-    for k, v in config.items():
-        name = f"{prefix}.{k}"
-        if hasattr(v, "items") and hasattr(v, "to_dict"):
-            out += config_fields(v, name)
-        else:
-            out.append((name, v))
-    return out
+    from svi_jax.config_schema import field_paths
+
+    return field_paths(config, prefix)
+
+
+def config_fields_help(argv: Sequence[str]) -> str:
+    """The ``--config.a.b=value`` lines of the config in ``argv`` (or the tiny one), for a command's ``--help``."""
+    try:
+        spec, config = _config_for_help(argv)
+    except Exception as e:  # a help request never fails on the config: say why the fields are missing
+        return f"config fields: cannot load the config ({message(e)})"
+    lines = [f"config fields (override any with --config.a.b=value; values of {spec}):"]
+    for name, value in config_fields(config):
+        shown = repr(value)
+        lines.append(f"  --{name}={shown if len(shown) <= 70 else shown[:67] + '...'}")
+    return "\n".join(lines)
 
 
 def print_help(argv: Sequence[str], out=None) -> None:
@@ -168,19 +290,41 @@ def print_help(argv: Sequence[str], out=None) -> None:
 
     out = out or sys.stdout
     text = flags.FLAGS.main_module_help() if "--helpfull" not in argv else str(flags.FLAGS)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    rel = os.path.splitext(os.path.relpath(os.path.abspath(sys.argv[0]), root))[0].replace(os.sep, ".")
+    rel = os.path.splitext(os.path.relpath(os.path.abspath(sys.argv[0]), _ROOT))[0].replace(os.sep, ".")
     print(f"usage: python -m {rel.removesuffix('.__main__')} --config FILE [flags]\n", file=out)
     print(text.strip() + "\n", file=out)
+    print(config_fields_help(argv), file=out)
+
+
+def _override_error(argv: Sequence[str]) -> str | None:
+    """The one-line error of the first ``--config.a.b=v`` in ``argv`` whose key the config lacks (None if all
+    exist: the failure was something else)."""
+    from svi_jax import config_schema
+
     try:
-        spec, config = _config_for_help(argv)
-    except Exception as e:  # a help request never fails on the config: say why the fields are missing
-        print(f"config fields: cannot load the config ({message(e)})", file=out)
+        _, config = _config_for_help(argv)
+    except Exception:  # noqa: BLE001 - the config file itself failed: the caller reports that
+        return None
+    for item in split_config_overrides(list(argv))[1]:
+        try:
+            config_schema.check_path(config, item.partition("=")[0])
+        except config_schema.UnknownConfigKey as e:
+            return str(e)
+    return None
+
+
+def check_flag_config(debug: bool) -> None:
+    """After absl parsed the flags: refuse an unknown key in ``--config`` (one line, exit 2; a config file that
+    failed to load is reported the same way)."""
+    from absl import flags
+
+    from svi_jax import config_schema
+
+    if "config" not in flags.FLAGS or flags.FLAGS["config"].value is None:
         return
-    print(f"config fields (override any with --config.a.b=value; values of {spec}):", file=out)
-    for name, value in config_fields(config):
-        shown = repr(value)
-        print(f"  --{name}={shown if len(shown) <= 70 else shown[:67] + '...'}", file=out)
+    rc = guard(lambda: config_schema.check(flags.FLAGS.config), debug)
+    if rc:
+        sys.exit(rc)
 
 
 def absl_run(main: Callable[[list[str]], int], define_flags: Callable[[], None]) -> None:
@@ -196,7 +340,7 @@ def absl_run(main: Callable[[list[str]], int], define_flags: Callable[[], None])
 
     def parse(argv):
         try:
-            return flags.FLAGS(strip_debug(argv))
+            rest = flags.FLAGS(strip_debug(argv))
         except flags.Error as e:
             if debug:
                 raise
@@ -205,9 +349,13 @@ def absl_run(main: Callable[[list[str]], int], define_flags: Callable[[], None])
         except Exception as e:  # ml_collections: an override of a field that does not exist, a config file error
             if debug:
                 raise
+            line = _override_error(argv[1:])
             what = "no such config field " if isinstance(e, (AttributeError, KeyError)) else ""
-            print(f"error: {what}{message(e)} (check the --config.a.b=value overrides)", file=sys.stderr)
+            print(f"error: {line or what + message(e) + ' (check the --config.a.b=value overrides)'}",
+                  file=sys.stderr)
             sys.exit(2)
+        check_flag_config(debug)
+        return rest
 
     app.run(lambda argv: sys.exit(guard(lambda: main(argv), debug)), flags_parser=parse)
 
@@ -227,8 +375,30 @@ def snake_case_argv(argv: Sequence[str]) -> list[str]:
 
 class ArgumentParser(argparse.ArgumentParser):
     """``argparse.ArgumentParser`` that reads dashed long flags as their ``--snake_case`` names
-    (:func:`snake_case_argv`); subcommand parsers made by ``add_subparsers`` are of this class too."""
+    (:func:`snake_case_argv`); subcommand parsers made by ``add_subparsers`` are of this class too.
+
+    ``config_overrides=True`` (a command with ``--config FILE``): ``--config.a.b=value`` arguments are taken out
+    before parsing into the list ``args.<overrides_dest>`` (``"a.b=value"`` strings for :func:`load_config`), each
+    of ``override_aliases`` (a deprecated spelling, e.g. ``--set``) too, and ``--help`` ends with the config fields
+    and their values (of the ``--config`` given, else configs/tiny.py)."""
+
+    def __init__(self, *args, config_overrides: bool = False, overrides_dest: str = "config_overrides",
+                 override_aliases: Sequence[str] = (), **kwargs):
+        self.config_overrides, self.overrides_dest = config_overrides, overrides_dest
+        self.override_aliases = tuple(override_aliases)
+        self._help_argv: list[str] = []
+        super().__init__(*args, **kwargs)
 
     def parse_known_args(self, args=None, namespace=None):
-        args = sys.argv[1:] if args is None else args
-        return super().parse_known_args(snake_case_argv(args), namespace)
+        args = snake_case_argv(sys.argv[1:] if args is None else args)
+        if not self.config_overrides:
+            return super().parse_known_args(args, namespace)
+        self._help_argv = list(args)
+        args, overrides = split_config_overrides(args, self.override_aliases)
+        ns, rest = super().parse_known_args(args, namespace)
+        setattr(ns, self.overrides_dest, overrides)
+        return ns, rest
+
+    def format_help(self):
+        text = super().format_help()
+        return text + "\n" + config_fields_help(self._help_argv) + "\n" if self.config_overrides else text

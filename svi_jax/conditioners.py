@@ -37,11 +37,11 @@ class PixelConditioner:
         enc = self.encoders
         if self.i2v:
             cond = batch["cond"]
-            hp = float(self.config.erft.get("handcrafted_p", 0.0))
+            hp = float(self.config.get("baseline", {}).get("handcrafted_p", 0.0))
             if hp > 0:   # the Tab. 7 baseline: handcrafted degradations of the condition frames
                 from svi_jax.augment import degrade
 
-                cond, _ = degrade(key, cond, float(self.config.erft.get("handcrafted_strength", 1.0)), hp)
+                cond, _ = degrade(key, cond, float(self.config.baseline.get("handcrafted_strength", 1.0)), hp)
             x0, y = enc.latents_and_y(params["vae"], batch["video"], cond, self.num_frames)   # one encode of both
         else:
             x0, y = enc.latents(params["vae"], batch["video"]), None

@@ -46,9 +46,13 @@ from svi_jax.plan_common import (CHIPS, COLLECTIVES, GB, _memory, default_topolo
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The plan's flags; ``--config.a.b=value`` overrides (and the deprecated ``--set a.b=value``) are collected in
+    ``args.set`` for :func:`load_config`."""
     p = _cli.ArgumentParser(prog="python -m svi_jax.plan", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="training config file, e.g. configs/shot.py")
+                            formatter_class=argparse.RawDescriptionHelpFormatter, config_overrides=True,
+                            overrides_dest="set", override_aliases=("--set",))
+    p.add_argument("--config", required=True, help="training config file, e.g. configs/shot.py; override any field "
+                   "with --config.a.b=value, e.g. --config.erft.capacity=250 --config.model.num_layers=2")
     p.add_argument("--devices", type=int, required=True, help="number of (fake) devices")
     p.add_argument("--mesh", default="", help="axis=size list, e.g. data=8,fsdp=8 (unset axes: 1, -1 = the rest; "
                    "default: the config's mesh)")
@@ -63,8 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "TPU); the report records an override")
     p.add_argument("--remat_policies", default="", help="also compile the step with each of these remat policies "
                    "(comma list, or 'all' = full,save_attention,offload_attention) and report their memory")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set erft.capacity=250 --set model.num_layers=2")
     p.add_argument("--json", default="", help="also write the report here")
     p.add_argument("--label", default="", help="a free-text label stored in the report")
     p.add_argument("--sample", action="store_true", help="plan the sampler instead of the train step: the program "

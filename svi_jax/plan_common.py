@@ -1,4 +1,4 @@
-"""What the plan commands share (no svi_jax imports): chips, config loading, devices for ahead-of-time
+"""What the plan commands share (importing only svi_jax.cli): chips, config loading, devices for ahead-of-time
 compilation, the HLO walk and the memory of a compiled program. :mod:`svi_jax.plan` (train step) and
 :mod:`svi_jax.sample_plan` (sampler) both use it."""
 from __future__ import annotations
@@ -32,40 +32,12 @@ def parse_mesh(text: str) -> dict:
 
 
 
-def _coerce(old, value: str):
-    if isinstance(old, bool):
-        return value.lower() in ("1", "true", "yes")
-    if isinstance(old, int):
-        return int(value)
-    if isinstance(old, float):
-        return float(value)
-    return value
+def load_config(path: str, sets=()):
+    """The config of ``path`` (``PATH[:ARG]``) with the ``KEY=VALUE`` overrides ``sets``, every key checked
+    (:func:`svi_jax.cli.load_config`, the loader of every argparse command)."""
+    from svi_jax import cli
 
-
-def load_config(path: str, sets):
-    from ml_collections import config_flags  # noqa: F401  (ml_collections is a dependency anyway)
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("plan_config", path)
-    mod = importlib.util.module_from_spec(spec)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    spec.loader.exec_module(mod)
-    config = mod.get_config()
-    for item in sets:
-        key, value = item.split("=", 1)
-        *parents, leaf = key.split(".")
-        node = config
-        for name in parents:
-            node = node[name]
-        if leaf not in node:
-            raise KeyError(f"--set {key}: no such config field")
-        node[leaf] = _coerce(node[leaf], value)
-    return config
-
-
-# ------------------------------------------------------------------------------------------------ devices
+    return cli.load_config(path, list(sets or ()))
 
 
 _TPU_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8", 512: "8x8x8"}

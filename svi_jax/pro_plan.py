@@ -11,7 +11,6 @@ compiler's memory analysis: arguments (params of both experts + inputs), tempora
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -70,9 +69,11 @@ def plan(args) -> dict:
 
 
 def main(argv=None) -> int:
+    from svi_jax import cli
     from svi_jax import plan as P
 
-    p = argparse.ArgumentParser(prog="python -m svi_jax.pro_plan", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python -m svi_jax.pro_plan", description=__doc__.split("\n\n")[0],
+                           config_overrides=True, overrides_dest="set", override_aliases=("--set",))
     p.add_argument("--config", required=True)
     p.add_argument("--devices", type=int, required=True)
     p.add_argument("--mesh", default="")
@@ -80,7 +81,6 @@ def main(argv=None) -> int:
     p.add_argument("--target", default="cpu", choices=("cpu", "tpu"))
     p.add_argument("--topology", default="")
     p.add_argument("--num_steps", type=int, default=50)
-    p.add_argument("--set", action="append", help="config override key=value (repeatable)")
     p.add_argument("--json", default="")
     args = p.parse_args(argv)
     if args.target == "cpu":

@@ -14,6 +14,8 @@ import json
 import os
 import re
 
+from svi_jax.config_schema import MOVED
+
 CONFIG_FILE = "config.json"
 
 # fields that never change what a resumed run computes
@@ -71,8 +73,9 @@ def _allowed(field: str, allow: list[str]) -> bool:
 
 
 def changes(old: dict, new: dict) -> list[tuple[str, object, object]]:
-    """Fields whose value differs (fields absent from ``old``, e.g. added by an upgrade, are not changes)."""
-    a, b = flat(old), flat(new)
+    """Fields whose value differs (fields absent from ``old``, e.g. added by an upgrade, are not changes; fields an
+    upgrade moved, :data:`svi_jax.config_schema.MOVED`, are compared at their new place)."""
+    a, b = {MOVED.get(k, k): v for k, v in flat(old).items()}, flat(new)
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if k in a and a.get(k) != b.get(k)]
 
 

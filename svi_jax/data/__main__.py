@@ -2,13 +2,13 @@
 
   build  --videos DIR [--captions CSV --file_column C --caption_column C] --out DIR
   synth  --out DIR [--num_videos 16 --num_frames 33 --height 64 --width 64 --seed 0]
-  cache  --dataset DIR --out DIR (--vae D --t5 D [--clip D --tokenizer D] | --config configs/x.py) [--windows 1]
+  cache  --dataset DIR --out DIR (--vae D --t5 D [--clip D --tokenizer D] | --config configs/x.py [--config.a.b=v])
+         [--windows 1]
   show   --dataset DIR [--num 5]
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -79,23 +79,20 @@ def cmd_synth(args) -> int:
     return 0
 
 
-def load_config_file(path: str):
-    """get_config() of a config file such as configs/tiny.py (its repo root is put on sys.path)."""
-    path = os.path.abspath(path)
-    root = os.path.dirname(os.path.dirname(path))
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    spec = importlib.util.spec_from_file_location("_svi_data_cli_config", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+def load_config_file(path: str, overrides=()):
+    """The config of a config file such as configs/tiny.py, with ``KEY=VALUE`` overrides, every key checked
+    (:func:`svi_jax.cli.load_config`)."""
+    return _cli.load_config(path, list(overrides))
 
 
 def cmd_cache(args) -> int:
     from svi_jax.data import cache
 
+    if args.config_overrides and not args.config:
+        print("error: --config.KEY=VALUE overrides need --config CONFIG.py", file=sys.stderr)
+        return 2
     if args.config:
-        train_cfg = load_config_file(args.config)
+        train_cfg = load_config_file(args.config, args.config_overrides)
         enc = cache.encoders_from_train_config(train_cfg)
         cfg = train_cfg.data
         cfg.num_workers = args.workers
@@ -164,10 +161,12 @@ def main(argv=None) -> int:
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_synth)
 
-    c = sub.add_parser("cache", help="encode sampled windows once into a latent cache")
+    c = sub.add_parser("cache", help="encode sampled windows once into a latent cache (--help: the config fields)",
+                       config_overrides=True)
     c.add_argument("--dataset", required=True, help="a build output folder")
     c.add_argument("--out", required=True)
-    c.add_argument("--config", help="training config file (its encoders and data config are used)")
+    c.add_argument("--config", help="training config file (its encoders and data config are used); override any "
+                   "field with --config.a.b=value, e.g. --config.data.height=64")
     c.add_argument("--vae")
     c.add_argument("--t5")
     c.add_argument("--clip")

@@ -36,6 +36,11 @@ def default_config(**overrides) -> ml_collections.ConfigDict:
     c.decode_threads = 0
     c.seek = True
     c.max_retries = 8
+    from svi_jax.config_schema import DATA, unknown_key
+
+    for key in overrides:
+        if key not in DATA:
+            raise unknown_key("data", key, DATA)
     c.update(overrides)
     return c
 

@@ -38,8 +38,9 @@ VARIANT_SETTINGS = {
     "erft": dict(),
     "no_image_error": dict(p_image=0.0),
     "no_latent_noise_error": dict(p_latent=0.0, p_noise=0.0),
-    "handcrafted": dict(enabled=False, handcrafted_p=0.9),
+    "handcrafted": dict(enabled=False),
 }
+BASELINE_SETTINGS = {"handcrafted": dict(handcrafted_p=0.9)}   # config.baseline of a variant
 
 
 def _variant_config(config, variant: str, film: bool, base_dir: str, dataset: str):
@@ -56,6 +57,7 @@ def _variant_config(config, variant: str, film: bool, base_dir: str, dataset: st
         c.data.update(num_motion_frames=1, pad_mode="ref")
         c.erft.p_clean = 0.2
     c.erft.update(VARIANT_SETTINGS[variant])
+    c.baseline.update(BASELINE_SETTINGS.get(variant, {}))
     return c
 
 
@@ -249,12 +251,14 @@ def main(argv=None) -> int:
                    help="pre-train the base (and fit the codec) in the workdir instead of using the shipped one")
     a = p.parse_args(argv)
     from configs import drift as drift_cfg
+    from svi_jax.config_schema import check as check_config
     from svi_jax.logs import quiet_logs
 
     quiet_logs()
     config = drift_cfg.get_quick_config() if a.quick else drift_cfg.get_config()
     if a.train_base:
         config.experiment.base = ""
+    check_config(config)    # every key known (one line otherwise)
     cmd = ("python -m svi_jax.experiments.drift --workdir " + a.workdir + (" --quick" if a.quick else "")
            + (" --train_base" if a.train_base else ""))
     res = run(config, os.path.abspath(a.workdir), a.report, cmd)

@@ -1,0 +1,1 @@
+"""Model presets: the DiT architecture of each Wan checkpoint (``get_config()`` -> the ``config.model`` section)."""
