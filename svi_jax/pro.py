@@ -136,7 +136,6 @@ class ProSampler(ClipLoop):
         from svi_jax.models.dit import DiTConfig
         from svi_jax.sample_output import resolve_lora
         from svi_jax.sampler import resolve_cfg_batch
-        from svi_jax.sampler_experts import make_expert_sampler
 
         d = config.data
         self.config = config
@@ -171,17 +170,29 @@ class ProSampler(ClipLoop):
         if self.codec.z_dim != self.dit_config.out_dim:
             raise ValueError(f"VAE z_dim {self.codec.z_dim} != DiT out_dim {self.dit_config.out_dim}")
         self.cfg_batch = resolve_cfg_batch(cfg_batch)
-        self.guided = (np.ndim(cfg_scale) == 0 and float(cfg_scale) != 1.0) or (
-            np.ndim(cfg_scale) != 0 and tuple(cfg_scale) != (1.0, 1.0))
-        self.sample_fn = make_expert_sampler(self.dit_config, self.num_steps, self.shift, cfg_scale, solver,
-                                             boundary=self.boundary, t_dtype=t_dtype, cfg_batch=self.cfg_batch,
-                                             on_step=on_step)
+        self.on_step = on_step
+        self.base_params = None          # a per-clip schedule keeps the flags' LoRA pair (refuses per-clip LoRAs)
+        self.sample_fn = self.make_sample_fn(self.num_steps, cfg_scale, solver)
         self._encode = jax.jit(self.codec.encode)
         self._decode = jax.jit(self.codec.decode)
         self._text = jax.jit(self._text_fn)
         self._text_cache: dict = {}
         self._anchor = None
         self.compile_s: Optional[float] = None
+
+    @property
+    def guided(self) -> bool:
+        """CFG on (the negative prompt is encoded): a scale, or a pair of scales, other than 1."""
+        c = self.cfg_scale
+        return (np.ndim(c) == 0 and float(c) != 1.0) or (np.ndim(c) != 0 and tuple(c) != (1.0, 1.0))
+
+    def make_sample_fn(self, num_steps: int, cfg_scale, solver: str):
+        """The compiled two-expert loop for these settings (also per clip, :class:`svi_jax.schedule.ClipRunner`)."""
+        from svi_jax.sampler_experts import make_expert_sampler
+
+        return make_expert_sampler(self.dit_config, int(num_steps), self.shift, cfg_scale, solver,
+                                   boundary=self.boundary, t_dtype=self.t_dtype, cfg_batch=self.cfg_batch,
+                                   on_step=self.on_step)
 
     # ---------------------------------------------------------------- pieces
     def _text_fn(self, params, ids, mask):

@@ -431,22 +431,32 @@ def from_flags(FLAGS, config, cfg_scale: float) -> Schedule:
     for name, default in (("repeat_prompt", 1), ("keep_first_prompt", False), ("cycle_prompts", False)):
         if getattr(FLAGS, name) != default:
             raise ScheduleError(f"--{name} does not apply with --schedule (one record per clip)")
-    if FLAGS.chain == "pro" or config.model.get("multitalk", False):
-        raise ScheduleError("--schedule works with --chain pixel or latent on Wan2.1 I2V models (not --chain pro, "
-                            "not SVI-Talk)")
+    if config.model.get("multitalk", False):
+        raise ScheduleError("--schedule does not apply to SVI-Talk (its clips follow the audio)")
+    pro = FLAGS.chain == "pro"
     if FLAGS.prompt is not None and not FLAGS.prompt.strip():
         raise ScheduleError("--prompt is empty: give a prompt, or leave it out and set one in every clip")
     flag_loras = tuple((os.path.abspath(resolve_lora(x.path)), float(x.strength))
                        for x in parse_specs(FLAGS.lora, float(FLAGS.lora_scale)))
-    defaults = Defaults(prompt=FLAGS.prompt.strip() if FLAGS.prompt else None, negative_prompt=FLAGS.negative_prompt,
+    negative = FLAGS.negative_prompt
+    if pro and not FLAGS["negative_prompt"].present:     # --chain pro: the Pro script's own negative prompt
+        from svi_jax.pro import PRO_NEGATIVE_PROMPT
+
+        negative = PRO_NEGATIVE_PROMPT
+    defaults = Defaults(prompt=FLAGS.prompt.strip() if FLAGS.prompt else None, negative_prompt=negative,
                         seed=int(FLAGS.seed), seed_times=int(FLAGS.seed_times), steps=int(FLAGS.num_steps),
                         cfg_scale=float(cfg_scale), solver=FLAGS.solver, loras=flag_loras,
                         motion_frames=int(FLAGS.motion_frames if FLAGS.motion_frames is not None
                                           else config.data.get("num_motion_frames", 1)),
                         prompt_prefix=FLAGS.prompt_prefix)
     dance = config.model.get("pose_embedding", False)
-    s = load(FLAGS.schedule, defaults, resolve=resolve_lora, loras_refused="per-clip LoRAs are not supported for "
-             "SVI-Dance (its pose adapter comes with the --lora it merges)" if dance else None)
+    refused = None
+    if dance:
+        refused = "per-clip LoRAs are not supported for SVI-Dance (its pose adapter comes with the --lora it merges)"
+    elif pro:
+        refused = ("per-clip LoRAs are not supported with --chain pro: the expert pair comes from --lora_high / "
+                   "--lora_low for the whole video")
+    s = load(FLAGS.schedule, defaults, resolve=resolve_lora, loras_refused=refused)
     if FLAGS.num_clips:
         if FLAGS.num_clips > len(s.clips):
             raise ScheduleError(f"--num_clips {FLAGS.num_clips} but the schedule {FLAGS.schedule} has "

@@ -185,3 +185,37 @@ def test_pro_cli_errors(env, tmp_path):
         assert p.returncode == 2, (name, p.stderr.decode()[-2000:])
         assert err[-1].startswith("error:"), (name, err[-3:])
         assert {"lora": "--lora_high", "model": "Wan2.2"}[name] in err[-1]
+
+
+def test_schedule_with_chain_pro_sets_each_clip(env, tmp_path):
+    """--schedule with --chain pro: per-clip prompt, seed, CFG and steps, against the clips made one by one with
+    ProSamplers of those settings and stitched as the official script; per-clip LoRAs are refused (one line)."""
+    sched = tmp_path / "s.jsonl"
+    sched.write_text('{"prompt": "a red boat"}\n{"prompt": "a blue car", "seed": 7, "cfg_scale": 1, "steps": 1}\n')
+    out = str(tmp_path / "pro_sched.mp4")
+    cmd = [sys.executable, "-m", "svi_jax.sample", f"--config={env['cfg']}", f"--image={env['dir'] / 'ref.png'}",
+           f"--schedule={sched}", f"--out={out}", f"--num_steps={STEPS}", "--lossless", "--noprogress",
+           "--chain=pro", "--nocfg_batch", "--negative_prompt=" + S.NEGATIVE_PROMPT]
+    e = dict(os.environ, JAX_PLATFORMS="cpu")
+    p = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, timeout=900)
+    assert p.returncode == 0, p.stderr.decode()[-3000:]
+    got = S.Output(out).read_lossless()
+    pro, ref = env["pro"], env["ref"]                      # clip 0: the flags' settings (CFG 5, STEPS steps)
+    other = ProSampler(env["config"], num_steps=1, cfg_scale=1.0, cfg_batch=False)
+    st = pro.initial_state(ref)
+    y, _ = pro.conditioning(st, ref)
+    lat0 = pro.sample("a red boat", y, None, 0)
+    clip0 = pro.decode(lat0)
+    st = pro.next_state(st, clip0, lat0)
+    y, _ = other.conditioning(st, ref)
+    lat1 = other.sample("a blue car", y, None, 7)
+    np.testing.assert_array_equal(got, stitch([clip0, other.decode(lat1)], pro.overlap))
+    side = json.load(open(os.path.splitext(out)[0] + ".json"))
+    assert [c["seed"] for c in side["clips"]] == [0, 7] and [c["cfg_scale"] for c in side["clips"]] == [5.0, 1.0]
+    assert [c["steps"] for c in side["clips"]] == [STEPS, 1]
+
+    sched.write_text('{"prompt": "a", "loras": ["x.safetensors"]}\n')
+    p = subprocess.run(cmd[:-3] + ["--chain=pro", f"--out={tmp_path / 'c.mp4'}"], cwd=ROOT, env=e,
+                       capture_output=True, timeout=600)
+    err = p.stderr.decode().strip().splitlines()
+    assert p.returncode == 2 and err[-1].startswith("error:") and "--lora_high" in err[-1], err[-3:]
