@@ -306,6 +306,25 @@ def test_in_memory_rollout_equals_the_generated_video(env, shot_run):
     np.testing.assert_array_equal(env["shot"].rollout(env["ref"], schedule, seed=0), S.Output(out).read_lossless())
 
 
+def test_clips_from_a_chain_state_continue_the_uninterrupted_clips(env, shot_run):
+    """The one per-clip loop (``clips``, under ``rollout`` and ``generate``): started from the state after clip 1 it
+    gives the uninterrupted run's clips 2 and 3 (what ``--resume`` relies on); segment + tail are the clip's
+    frames."""
+    s, ref = env["shot"], env["ref"]
+    schedule = S.schedule_prompts(env["prompts"], 3, cycle=True)
+    full = list(s.clips(ref, schedule, seed=0))
+    assert [r.clip for r in full] == [0, 1, 2] and [r.seed for r in full] == [0, 42, 84]
+    later = list(s.clips(ref, schedule, seed=0, state=full[0].state))
+    assert [r.clip for r in later] == [1, 2]
+    for a, b in zip(full[1:], later):
+        np.testing.assert_array_equal(a.frames, b.frames)
+    for r in full:
+        np.testing.assert_array_equal(np.concatenate([r.segment, r.tail]), r.frames)
+        np.testing.assert_array_equal(r.state.cond_frames, r.tail)
+    np.testing.assert_array_equal(np.concatenate([r.segment for r in full] + [full[-1].tail]),
+                                  S.Output(shot_run[0]).read_lossless())
+
+
 def _clips_one_by_one(s, ref, schedule):
     """Each clip of a chain sampled here one at a time (seeds as generate: clip_seed(0, k))."""
     state, clips = s.initial_state(ref), []
