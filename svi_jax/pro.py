@@ -130,11 +130,10 @@ class ProSampler(ClipLoop):
                  shift: float = 5.0, cfg_scale=5.0, solver: str = "euler", boundary: float = 0.875,
                  overlap: int = 4, motion_latents: int = 1, negative_prompt: str = NEGATIVE_PROMPT,
                  t_dtype: str = "bfloat16", experts: Optional[dict] = None,
-                 on_step: Optional[Callable[[int], None]] = None, cfg_batch: Optional[bool] = None):
-        from svi_jax import lora as lora_lib
+                 on_step: Optional[Callable[[int], None]] = None, cfg_batch: Optional[bool] = None,
+                 keep_base: bool = False):
         from svi_jax import encoders
         from svi_jax.models.dit import DiTConfig
-        from svi_jax.sample_output import resolve_lora
         from svi_jax.sampler import resolve_cfg_batch
 
         d = config.data
@@ -157,12 +156,7 @@ class ProSampler(ClipLoop):
         self.negative_prompt, self.t_dtype = negative_prompt, t_dtype
         if experts is None:
             experts = load_experts(config, jax.random.key(int(config.train.seed)))
-        loras = {"high": (lora_high, lora_high_scale), "low": (lora_low, lora_low_scale)}
-        self.params = {}
-        for name in EXPERTS:        # the high LoRA on dit (high-noise), the low LoRA on dit2 (script L44-45)
-            path, scale = loras[name]
-            p = experts[name]
-            self.params[name] = p if not path else lora_lib.merge_file(p, resolve_lora(path), scale=float(scale))
+        self.params = self.merge_loras(experts, [(lora_high, lora_high_scale), (lora_low, lora_low_scale)])
         self.codec = encoders.Codec.from_config(config)
         self.t5_cfg, self.t5_params, self.tokenizer = encoders.make_text_encoder(config)
         if self.t5_cfg.dim != self.dit_config.text_dim:
@@ -171,7 +165,7 @@ class ProSampler(ClipLoop):
             raise ValueError(f"VAE z_dim {self.codec.z_dim} != DiT out_dim {self.dit_config.out_dim}")
         self.cfg_batch = resolve_cfg_batch(cfg_batch)
         self.on_step = on_step
-        self.base_params = None          # a per-clip schedule keeps the flags' LoRA pair (refuses per-clip LoRAs)
+        self.base_params = experts if keep_base else None     # per-clip LoRA pairs (--schedule) merge into these
         self.sample_fn = self.make_sample_fn(self.num_steps, cfg_scale, solver)
         self._encode = jax.jit(self.codec.encode)
         self._decode = jax.jit(self.codec.decode)
@@ -179,6 +173,23 @@ class ProSampler(ClipLoop):
         self._text_cache: dict = {}
         self._anchor = None
         self.compile_s: Optional[float] = None
+
+    @staticmethod
+    def merge_loras(experts: dict, pair) -> dict:
+        """Both experts with their LoRA merged: the high LoRA on dit (high-noise), the low on dit2 (script L44-45).
+        ``pair`` = ((high path, strength), (low path, strength)) as tuples or LoRA specs; a falsy path = none."""
+        from svi_jax import lora as lora_lib
+        from svi_jax.sample_output import resolve_lora
+
+        out = {}
+        for name, spec in zip(EXPERTS, pair):
+            path, scale = (spec.path, spec.strength) if hasattr(spec, "path") else spec
+            p = experts[name]
+            out[name] = p if not path else lora_lib.merge_file(p, resolve_lora(path), scale=float(scale))
+        return out
+
+    def place(self, params):
+        return params                    # the experts run on one device
 
     @property
     def guided(self) -> bool:
@@ -285,7 +296,8 @@ class ProSampler(ClipLoop):
 # ------------------------------------------------------------------------------------------------ CLI glue
 
 
-def cli_sampler(config, FLAGS, *, shift: float, cfg_scale, on_step) -> tuple[ProSampler, dict]:
+def cli_sampler(config, FLAGS, *, shift: float, cfg_scale, on_step, keep_base: bool = False
+                ) -> tuple[ProSampler, dict]:
     """``svi_jax.sample --chain pro``: the sampler and the input records (the LoRA pair's files and hashes)."""
     from svi_jax.sample_output import file_sha256, resolve_lora
 
@@ -306,5 +318,5 @@ def cli_sampler(config, FLAGS, *, shift: float, cfg_scale, on_step) -> tuple[Pro
                          num_steps=FLAGS.num_steps, shift=shift, cfg_scale=cfg_scale, solver=FLAGS.solver,
                          boundary=boundary, overlap=overlap, motion_latents=int(defaults.get("motion_latents", 1)),
                          negative_prompt=FLAGS.negative_prompt if FLAGS["negative_prompt"].present
-                         else PRO_NEGATIVE_PROMPT, on_step=on_step, cfg_batch=FLAGS.cfg_batch)
+                         else PRO_NEGATIVE_PROMPT, on_step=on_step, cfg_batch=FLAGS.cfg_batch, keep_base=keep_base)
     return sampler, inputs

@@ -252,7 +252,8 @@ def main(argv) -> int:
         elif FLAGS.chain == "pro":                     # SVI 2.0 Pro on Wan2.2-A14B: two experts, a LoRA pair
             from svi_jax import pro
 
-            sampler, pro_inputs = pro.cli_sampler(config, FLAGS, shift=shift, cfg_scale=cfg_scale, on_step=bar)
+            sampler, pro_inputs = pro.cli_sampler(config, FLAGS, shift=shift, cfg_scale=cfg_scale, on_step=bar,
+                                                  keep_base=plan is not None and plan.needs_base)
             inputs.update(pro_inputs)
         else:
             sampler = LongVideoSampler(config, lora=FLAGS.lora, lora_scale=FLAGS.lora_scale,
@@ -305,8 +306,9 @@ def _define_flags():
     flags.DEFINE_string("prompt", None, "A single prompt instead of --prompts (with --schedule: the prompt of clips "
                         "that set none).")
     flags.DEFINE_string("schedule", None, "Per-clip schedule, JSON Lines or YAML, one record per clip: prompt, "
-                        "negative_prompt, seed, steps, cfg_scale, solver, loras [{path, strength}] (omitted fields "
-                        "inherit from these flags; schema in docs/sampling.md). Instead of --prompts.")
+                        "negative_prompt, seed, steps, cfg_scale, solver, loras [{path, strength}] (--chain pro: lora_high, "
+                        "lora_low); omitted fields inherit from these flags; schema in docs/sampling.md. Instead of "
+                        "--prompts.")
     flags.DEFINE_string("audio", None, "SVI-Talk (configs/talk.py): the speech (wav/mp3/flac/m4a, or a video's audio "
                         "track). The number of clips follows its length (unless --num_clips); it is muxed into --out.")
     flags.DEFINE_float("cfg_scale_audio", 5.0, "SVI-Talk audio guidance scale (official 5; the text scale is "

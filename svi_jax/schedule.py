@@ -14,6 +14,9 @@ field              value                                                       i
 ``loras``          list of ``{path, strength}`` (or ``"PATH[:S]"`` strings),   ``--lora`` / ``--lora_scale``
                    merged in order into the base; ``[]`` = the base model
 ``motion_frames``  must equal the run's ``--motion_frames`` (see below)        ``--motion_frames``
+``lora_high``      ``--chain pro`` only, instead of ``loras``: the high-noise   ``--lora_high``
+                   expert's LoRA, ``"PATH[:S]"`` or ``{path, strength}``;
+                   ``null`` / ``""`` = none (``lora_low`` the same)             ``--lora_low``
 =================  ==========================================================  ==================================
 
 Not supported, rejected with the reason: ``keyframe`` (and ``last_frame`` / ``end_frame`` / ``end_image``): Wan2.1
@@ -41,6 +44,7 @@ from svi_jax.prompts import clip_seed
 from svi_jax.sampler import SOLVERS
 
 FIELDS = ("prompt", "negative_prompt", "seed", "steps", "cfg_scale", "solver", "loras", "motion_frames")
+PAIR_FIELDS = ("lora_high", "lora_low")     # --chain pro: the two experts' LoRAs (Clip.loras = the pair, "" = none)
 ALIASES = {"num_steps": "steps", "lora": "loras"}
 KEYFRAME_FIELDS = ("keyframe", "keyframe_image", "last_frame", "end_frame", "end_image", "last_image")
 JSONL_EXTS = (".jsonl", ".ndjson", ".json")
@@ -65,6 +69,7 @@ class Defaults:
     loras: tuple = ()                       # ((absolute path, strength), ...)
     motion_frames: int = 1
     prompt_prefix: str = ""
+    expert_pair: bool = False               # --chain pro: ``loras`` = ((high path or "", s), (low path or "", s))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,8 +80,9 @@ class Clip:
     steps: int
     cfg_scale: float
     solver: str
-    loras: tuple                            # ((absolute path, strength), ...)
+    loras: tuple                            # ((absolute path, strength), ...); --chain pro: the (high, low) pair
     line: int
+    expert_pair: bool = False
 
     @property
     def sampler_key(self) -> tuple:
@@ -84,9 +90,14 @@ class Clip:
 
     def record(self) -> dict:
         """What the clip's entry in ``OUT.json`` adds."""
-        return {"schedule_line": self.line, "steps": self.steps, "cfg_scale": self.cfg_scale, "solver": self.solver,
-                "negative_prompt": self.negative_prompt,
-                "loras": [{"path": p, "strength": s} for p, s in self.loras]}
+        rec = {"schedule_line": self.line, "steps": self.steps, "cfg_scale": self.cfg_scale, "solver": self.solver,
+               "negative_prompt": self.negative_prompt}
+        if self.expert_pair:
+            for name, (p, s) in zip(PAIR_FIELDS, self.loras):
+                rec[name] = {"path": p, "strength": s} if p else None
+        else:
+            rec["loras"] = [{"path": p, "strength": s} for p, s in self.loras]
+        return rec
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -181,14 +192,15 @@ def _number(v, source, line, field):
     return float(v)
 
 
-def _loras(v, source, line, base_dir, resolve) -> tuple:
+def _loras(v, source, line, base_dir, resolve, field: str = "loras") -> tuple:
     from svi_jax.lora_formats import parse_spec
 
     if not isinstance(v, list):
         raise _err(source, line, "loras", f"expected a list of {{path, strength}}, got {type(v).__name__}")
     out = []
+    name = field
     for i, item in enumerate(v):
-        field = f"loras[{i}]"
+        field = f"loras[{i}]" if name == "loras" else name
         if isinstance(item, str):
             try:
                 spec = parse_spec(item)
@@ -230,10 +242,14 @@ def resolve_clips(records: Sequence[_Record], defaults: Defaults, source: str, b
                 raise _err(source, fl, key, "keyframes are not supported: Wan2.1 I2V + SVI condition a clip on its "
                            "first frame(s) only (the previous clip's last frames, or the reference image); the "
                            "model has no input for a clip's last frame")
-            if name not in FIELDS:
-                near = difflib.get_close_matches(str(key), FIELDS + tuple(ALIASES), 1)
+            if name in PAIR_FIELDS and not defaults.expert_pair:
+                raise _err(source, fl, key, "applies with --chain pro only (the LoRA of one Wan2.2 expert); use "
+                           "'loras'")
+            known = FIELDS + (PAIR_FIELDS if defaults.expert_pair else ())
+            if name not in known:
+                near = difflib.get_close_matches(str(key), known + tuple(ALIASES), 1)
                 raise _err(source, fl, str(key), "unknown field" + (f" (did you mean '{near[0]}'?)" if near else "")
-                           + f"; fields: {', '.join(FIELDS)}")
+                           + f"; fields: {', '.join(known)}")
             if name in v:
                 raise _err(source, fl, key, f"given twice (as '{name}' and an alias)")
             v[name] = (value, fl)
@@ -277,7 +293,19 @@ def resolve_clips(records: Sequence[_Record], defaults: Defaults, source: str, b
                 raise _err(source, fl, "loras", loras_refused)
             return _loras(value, source, fl, base_dir, resolve)
 
+        def one_lora(name):
+            def check(value, fl):
+                if value is None or value == "":
+                    return ("", 1.0)
+                return _loras([value], source, fl, base_dir, resolve, field=name)[0]
+            return check
+
         get("motion_frames", motion, None)
+        if defaults.expert_pair:
+            if "loras" in v:                       # refused, never silently ignored
+                raise _err(source, v["loras"][1], "loras", loras_refused or "with the expert pair give 'lora_high' "
+                           "/ 'lora_low', not 'loras'")
+            pair = tuple(get(n, one_lora(n), d) for n, d in zip(PAIR_FIELDS, defaults.loras))
         clips.append(Clip(
             prompt=prompt,
             negative_prompt=get("negative_prompt", text("negative_prompt", True), defaults.negative_prompt),
@@ -287,8 +315,8 @@ def resolve_clips(records: Sequence[_Record], defaults: Defaults, source: str, b
             cfg_scale=get("cfg_scale", lambda x, fl: _nonneg(_number(x, source, fl, "cfg_scale"), source, fl),
                           float(defaults.cfg_scale)),
             solver=get("solver", solver, defaults.solver),
-            loras=get("loras", loras, tuple(defaults.loras)),
-            line=line))
+            loras=pair if defaults.expert_pair else get("loras", loras, tuple(defaults.loras)),
+            line=line, expert_pair=defaults.expert_pair))
     return clips
 
 
@@ -328,7 +356,7 @@ class Schedule:
 
     def inputs(self, file_sha256=None) -> dict:
         """The ``schedule`` entry of the saved settings: the file's hash and the hashes of the LoRA files it uses."""
-        files = sorted(set(self.lora_files) - {p for p, _ in self.defaults.loras})
+        files = sorted(set(self.lora_files) - {p for p, _ in self.defaults.loras if p})
         rec = {"sha256": self.sha256}
         if file_sha256 is not None and files:
             rec["loras"] = [{"path": p, "sha256": file_sha256(os.path.join(p, "config.json") if os.path.isdir(p)
@@ -344,7 +372,7 @@ def parse(text: str, defaults: Defaults, source: str = "<schedule>", base_dir: s
     """A :class:`Schedule` from a schedule's text (see the module doc)."""
     clips = resolve_clips(read_records(text, source), defaults, source, base_dir, resolve, loras_refused)
     return Schedule(source, hashlib.sha256(text.encode("utf-8")).hexdigest(), clips, defaults,
-                    tuple(sorted({p for c in clips for p, _ in c.loras})))
+                    tuple(sorted({p for c in clips for p, _ in c.loras if p})))
 
 
 def load(path: str, defaults: Defaults, resolve=None, loras_refused: Optional[str] = None) -> Schedule:
@@ -436,8 +464,14 @@ def from_flags(FLAGS, config, cfg_scale: float) -> Schedule:
     pro = FLAGS.chain == "pro"
     if FLAGS.prompt is not None and not FLAGS.prompt.strip():
         raise ScheduleError("--prompt is empty: give a prompt, or leave it out and set one in every clip")
-    flag_loras = tuple((os.path.abspath(resolve_lora(x.path)), float(x.strength))
-                       for x in parse_specs(FLAGS.lora, float(FLAGS.lora_scale)))
+    if pro:                     # the flags' pair: ((high path or "", strength), (low path or "", strength))
+        from svi_jax.pro import parse_lora
+
+        flag_loras = tuple((os.path.abspath(resolve_lora(p)) if p else "", float(x))
+                           for p, x in (parse_lora(FLAGS.lora_high), parse_lora(FLAGS.lora_low)))
+    else:
+        flag_loras = tuple((os.path.abspath(resolve_lora(x.path)), float(x.strength))
+                           for x in parse_specs(FLAGS.lora, float(FLAGS.lora_scale)))
     negative = FLAGS.negative_prompt
     if pro and not FLAGS["negative_prompt"].present:     # --chain pro: the Pro script's own negative prompt
         from svi_jax.pro import PRO_NEGATIVE_PROMPT
@@ -448,14 +482,14 @@ def from_flags(FLAGS, config, cfg_scale: float) -> Schedule:
                         cfg_scale=float(cfg_scale), solver=FLAGS.solver, loras=flag_loras,
                         motion_frames=int(FLAGS.motion_frames if FLAGS.motion_frames is not None
                                           else config.data.get("num_motion_frames", 1)),
-                        prompt_prefix=FLAGS.prompt_prefix)
+                        prompt_prefix=FLAGS.prompt_prefix, expert_pair=pro)
     dance = config.model.get("pose_embedding", False)
     refused = None
     if dance:
         refused = "per-clip LoRAs are not supported for SVI-Dance (its pose adapter comes with the --lora it merges)"
     elif pro:
-        refused = ("per-clip LoRAs are not supported with --chain pro: the expert pair comes from --lora_high / "
-                   "--lora_low for the whole video")
+        refused = ("--chain pro takes each clip's LoRA pair as 'lora_high' / 'lora_low' (PATH[:STRENGTH]), not "
+                   "'loras'")
     s = load(FLAGS.schedule, defaults, resolve=resolve_lora, loras_refused=refused)
     if FLAGS.num_clips:
         if FLAGS.num_clips > len(s.clips):

@@ -188,10 +188,18 @@ def test_pro_cli_errors(env, tmp_path):
 
 
 def test_schedule_with_chain_pro_sets_each_clip(env, tmp_path):
-    """--schedule with --chain pro: per-clip prompt, seed, CFG and steps, against the clips made one by one with
-    ProSamplers of those settings and stitched as the official script; per-clip LoRAs are refused (one line)."""
+    """--schedule with --chain pro: per-clip prompt, seed, CFG, steps and the low expert's LoRA, against the clips
+    made one by one with ProSamplers of those settings and stitched as the official script; a 'loras' field is
+    refused (one line)."""
+    from svi_jax import lora as lora_lib
+
+    pro, ref = env["pro"], env["ref"]                      # clip 0: the flags' settings (CFG 5, STEPS steps)
+    lora = lora_lib.init_lora(pro.params["low"], jax.random.key(3), rank=2)
+    lora = jax.tree.map(lambda x: x + 0.2 * jax.random.normal(jax.random.key(4), x.shape), lora)   # B != 0
+    lora_lib.save(lora, str(tmp_path / "low.safetensors"))
     sched = tmp_path / "s.jsonl"
-    sched.write_text('{"prompt": "a red boat"}\n{"prompt": "a blue car", "seed": 7, "cfg_scale": 1, "steps": 1}\n')
+    sched.write_text('{"prompt": "a red boat"}\n{"prompt": "a blue car", "seed": 7, "cfg_scale": 1, "steps": 4, '
+                     '"lora_low": "low.safetensors:0.5"}\n')
     out = str(tmp_path / "pro_sched.mp4")
     cmd = [sys.executable, "-m", "svi_jax.sample", f"--config={env['cfg']}", f"--image={env['dir'] / 'ref.png'}",
            f"--schedule={sched}", f"--out={out}", f"--num_steps={STEPS}", "--lossless", "--noprogress",
@@ -200,8 +208,9 @@ def test_schedule_with_chain_pro_sets_each_clip(env, tmp_path):
     p = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, timeout=900)
     assert p.returncode == 0, p.stderr.decode()[-3000:]
     got = S.Output(out).read_lossless()
-    pro, ref = env["pro"], env["ref"]                      # clip 0: the flags' settings (CFG 5, STEPS steps)
-    other = ProSampler(env["config"], num_steps=1, cfg_scale=1.0, cfg_batch=False)
+    # 4 steps at shift 5: t = 1000, 938 (high expert), 833, 625 (low expert, with the clip's LoRA)
+    other = ProSampler(env["config"], num_steps=4, cfg_scale=1.0, cfg_batch=False,
+                       lora_low=str(tmp_path / "low.safetensors"), lora_low_scale=0.5)
     st = pro.initial_state(ref)
     y, _ = pro.conditioning(st, ref)
     lat0 = pro.sample("a red boat", y, None, 0)
@@ -210,12 +219,15 @@ def test_schedule_with_chain_pro_sets_each_clip(env, tmp_path):
     y, _ = other.conditioning(st, ref)
     lat1 = other.sample("a blue car", y, None, 7)
     np.testing.assert_array_equal(got, stitch([clip0, other.decode(lat1)], pro.overlap))
+    no_lora = ProSampler(env["config"], num_steps=4, cfg_scale=1.0, cfg_batch=False)
+    assert not np.array_equal(np.asarray(no_lora.sample("a blue car", y, None, 7)), np.asarray(lat1))  # it matters
     side = json.load(open(os.path.splitext(out)[0] + ".json"))
     assert [c["seed"] for c in side["clips"]] == [0, 7] and [c["cfg_scale"] for c in side["clips"]] == [5.0, 1.0]
-    assert [c["steps"] for c in side["clips"]] == [STEPS, 1]
+    assert [c["steps"] for c in side["clips"]] == [STEPS, 4]
+    assert side["clips"][0]["lora_low"] is None and side["clips"][1]["lora_low"]["strength"] == 0.5
 
     sched.write_text('{"prompt": "a", "loras": ["x.safetensors"]}\n')
     p = subprocess.run(cmd[:-3] + ["--chain=pro", f"--out={tmp_path / 'c.mp4'}"], cwd=ROOT, env=e,
                        capture_output=True, timeout=600)
     err = p.stderr.decode().strip().splitlines()
-    assert p.returncode == 2 and err[-1].startswith("error:") and "--lora_high" in err[-1], err[-3:]
+    assert p.returncode == 2 and err[-1].startswith("error:") and "lora_high" in err[-1], err[-3:]

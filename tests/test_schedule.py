@@ -221,3 +221,27 @@ def test_demo_runner_runs_a_pasted_schedule(env, tmp_path):
     side = json.load(open(tmp_path / "out.json"))
     assert [(c["seed"], c["steps"], c["cfg_scale"]) for c in side["clips"]] == [(0, STEPS, 5.0), (1234, 2, 1.0)]
     assert len(job.clips) == 2 and (runner.sampler.num_steps, runner.sampler.cfg_scale) == (STEPS, 5.0)
+
+
+def test_expert_pair_fields_for_chain_pro(tmp_path):
+    """--chain pro schedules: lora_high / lora_low per clip (omitted = the flags' pair, null = none), 'loras'
+    refused and never ignored; the pair fields are refused without --chain pro."""
+    from svi_jax import schedule as sch
+
+    (tmp_path / "h.safetensors").write_bytes(b"x")
+    pair = sch.Defaults(prompt="p", loras=(("", 1.0), ("/flags/low.safetensors", 0.7)), expert_pair=True)
+    text = '{"prompt": "a"}\n{"lora_high": "h.safetensors:0.5", "lora_low": null}\n'
+    clips = sch.parse(text, pair, "s.jsonl", str(tmp_path)).clips
+    assert clips[0].loras == (("", 1.0), ("/flags/low.safetensors", 0.7))
+    assert clips[1].loras == ((str(tmp_path / "h.safetensors"), 0.5), ("", 1.0))
+    rec = clips[1].record()
+    assert rec["lora_high"] == {"path": str(tmp_path / "h.safetensors"), "strength": 0.5} and rec["lora_low"] is None
+    assert "loras" not in rec
+    with pytest.raises(sch.ScheduleError, match="line 1, field 'loras': pair please"):
+        sch.parse('{"loras": []}\n', pair, "s.jsonl", str(tmp_path), loras_refused="pair please")
+    with pytest.raises(sch.ScheduleError, match="field 'loras'"):
+        sch.parse('{"loras": []}\n', pair, "s.jsonl", str(tmp_path))
+    with pytest.raises(sch.ScheduleError, match="did you mean 'lora_low'"):
+        sch.parse('{"lora_lo": "h.safetensors"}\n', pair, "s.jsonl", str(tmp_path))
+    with pytest.raises(sch.ScheduleError, match="--chain pro only"):
+        sch.parse('{"lora_high": "h.safetensors"}\n', sch.Defaults(prompt="p"), "s.jsonl", str(tmp_path))
