@@ -192,15 +192,16 @@ def _number(v, source, line, field):
     return float(v)
 
 
-def _loras(v, source, line, base_dir, resolve, field: str = "loras") -> tuple:
+def _loras(v, source, line, base_dir, resolve, single: Optional[str] = None) -> tuple:
+    """The ``loras`` list as ((absolute path, strength), ...); ``single``: the name of a one-LoRA field
+    (``lora_high`` / ``lora_low``) whose value ``v`` is given here as a list of one, for its error messages."""
     from svi_jax.lora_formats import parse_spec
 
     if not isinstance(v, list):
         raise _err(source, line, "loras", f"expected a list of {{path, strength}}, got {type(v).__name__}")
     out = []
-    name = field
     for i, item in enumerate(v):
-        field = f"loras[{i}]" if name == "loras" else name
+        field = single or f"loras[{i}]"
         if isinstance(item, str):
             try:
                 spec = parse_spec(item)
@@ -289,23 +290,22 @@ def resolve_clips(records: Sequence[_Record], defaults: Defaults, source: str, b
             return m
 
         def loras(value, fl):
-            if loras_refused:
-                raise _err(source, fl, "loras", loras_refused)
+            if loras_refused or defaults.expert_pair:
+                raise _err(source, fl, "loras", loras_refused or "with the expert pair give 'lora_high' / "
+                           "'lora_low', not 'loras'")
             return _loras(value, source, fl, base_dir, resolve)
 
         def one_lora(name):
             def check(value, fl):
                 if value is None or value == "":
                     return ("", 1.0)
-                return _loras([value], source, fl, base_dir, resolve, field=name)[0]
+                return _loras([value], source, fl, base_dir, resolve, single=name)[0]
             return check
 
         get("motion_frames", motion, None)
+        clip_loras = get("loras", loras, tuple(defaults.loras))      # the expert pair refuses 'loras' here
         if defaults.expert_pair:
-            if "loras" in v:                       # refused, never silently ignored
-                raise _err(source, v["loras"][1], "loras", loras_refused or "with the expert pair give 'lora_high' "
-                           "/ 'lora_low', not 'loras'")
-            pair = tuple(get(n, one_lora(n), d) for n, d in zip(PAIR_FIELDS, defaults.loras))
+            clip_loras = tuple(get(n, one_lora(n), d) for n, d in zip(PAIR_FIELDS, defaults.loras))
         clips.append(Clip(
             prompt=prompt,
             negative_prompt=get("negative_prompt", text("negative_prompt", True), defaults.negative_prompt),
@@ -315,7 +315,7 @@ def resolve_clips(records: Sequence[_Record], defaults: Defaults, source: str, b
             cfg_scale=get("cfg_scale", lambda x, fl: _nonneg(_number(x, source, fl, "cfg_scale"), source, fl),
                           float(defaults.cfg_scale)),
             solver=get("solver", solver, defaults.solver),
-            loras=pair if defaults.expert_pair else get("loras", loras, tuple(defaults.loras)),
+            loras=clip_loras,
             line=line, expert_pair=defaults.expert_pair))
     return clips
 
