@@ -17,7 +17,7 @@ def test_scroll_is_a_torus_shift_with_a_known_future():
     # a later window is the same sequence: start= continues it exactly; a full period returns to frame 0
     np.testing.assert_array_equal(scroll.make_scroll(f0, 4, "up-left", 2, start=7), v[7:11])
     np.testing.assert_array_equal(scroll.make_scroll(f0, 13, "left", 2)[12], f0)   # 24 px / 2 px per frame
-    assert "pans up-left at 2 px per frame" in scroll.caption("coffee", "up-left", 2)
+    assert "pans up-left at 2 px per frame" in scroll.caption("up-left", 2)
 
 
 def test_specs_cover_every_motion_and_keep_heldout_pictures_out():

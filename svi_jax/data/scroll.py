@@ -43,8 +43,15 @@ TRAIN_PICTURES = ("astronaut", "cat", "chelsea", "coffee", "colorwheel", "hubble
 HELDOUT_PICTURES = ("camera", "brick", "rocket", "stereo_motorcycle")
 
 
-def caption(picture: str, direction: str, speed: int) -> str:
-    return f"The view pans {direction} at {speed} px per frame over {PICTURES[picture]}."
+def caption(direction: str, speed: int) -> str:
+    """The motion, and only the motion: "The view pans up-left at 2 px per frame."
+
+    The picture is not named. A base that saw "... over a cup of coffee." learnt in 6,000 steps to ignore the
+    caption altogether (docs/drift.md, the caption probe): the picture phrase varies more than the motion words and
+    says nothing about the future frames, so the one thing the caption must carry was the smaller part of it."""
+    if direction not in DIRECTIONS:
+        raise KeyError(f"unknown direction {direction!r}; choose from {sorted(DIRECTIONS)}")
+    return f"The view pans {direction} at {speed} px per frame."
 
 
 def load_picture(name: str) -> np.ndarray:
@@ -117,7 +124,7 @@ def dataset_specs(num_videos: int, seed: int = 0, pictures: Sequence[str] = TRAI
         crop, cy, cx = float(rng.uniform(0.3, 1.0)), float(rng.uniform(0, 1)), float(rng.uniform(0, 1))
         specs.append(ScrollSpec(file=f"{direction}/{direction}_{i:04d}_{pic}.mp4", picture=pic, direction=direction,
                                 speed=speed, crop=round(crop, 4), cy=round(cy, 4), cx=round(cx, 4),
-                                caption=caption(pic, direction, speed)))
+                                caption=caption(direction, speed)))
     return specs
 
 
@@ -126,7 +133,7 @@ def heldout_specs(pictures: Sequence[str] = HELDOUT_PICTURES) -> list:
     motions = [("left", 1), ("up", 2), ("down-right", 1), ("right", 2), ("up-left", 2), ("down", 1)]
     return [ScrollSpec(file="", picture=p, direction=motions[i % len(motions)][0],
                        speed=motions[i % len(motions)][1], crop=1.0, cy=0.5, cx=0.5,
-                       caption=caption(p, *motions[i % len(motions)])) for i, p in enumerate(pictures)]
+                       caption=caption(*motions[i % len(motions)])) for i, p in enumerate(pictures)]
 
 
 def write_dataset(out: str, num_videos: int, num_frames: int, height: int, width: int, fps: float = 16.0,

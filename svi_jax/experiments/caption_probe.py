@@ -41,7 +41,7 @@ def probe_case(sampler, case, height: int, width: int, seed: int = 0) -> dict:
 
     ref = case.frame0(height, width)
     true = sampler.rollout(ref, [case.caption], seed)
-    wrong = sampler.rollout(ref, [scroll.caption(case.picture, _wrong_direction(case.direction), case.speed)], seed)
+    wrong = sampler.rollout(ref, [scroll.caption(_wrong_direction(case.direction), case.speed)], seed)
     n = len(true)
     motions = [(d, s) for d in scroll.DIRECTIONS for s in scroll.SPEEDS]
     truths = {m: scroll.make_scroll(ref, n, *m) for m in motions}

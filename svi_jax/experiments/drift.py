@@ -131,7 +131,8 @@ def stage_base(config, workdir: str, dataset: str) -> str:
     stage_codec(config, workdir)
     out = os.path.join(workdir, "base")
     c = with_base(config, out)
-    c.checkpoints.dit = ""
+    # '' = a random init; a base directory (its dit/) = continue pre-training from it (e.g. on new captions)
+    c.checkpoints.dit = os.path.join(e.base_init, "dit") if e.get("base_init") else ""
     c.data.dataset = dataset
     c.data.update(num_motion_frames=1, pad_mode="zero", batch_size=e.base_batch)
     c.erft.enabled = False
