@@ -133,7 +133,7 @@ def test_loss_decreases_on_a_fixed_batch(dataset, tmp_path):
     state = t.state
     for _ in range(30):
         # same timestep and noise every step (a fresh buffer each time: the step donates its state)
-        state = dict(state, rng=jax.random.wrap_key_data(jnp.asarray(key_data)))
+        state = state.replace(rng=jax.random.wrap_key_data(jnp.asarray(key_data)))
         state, m = t.step_fn(state, batch)
         losses.append(float(m["loss"]))
     t.close()
