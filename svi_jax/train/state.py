@@ -118,9 +118,11 @@ def init_state(config, params, key) -> TrainState:
     banks = None
     if config.erft.enabled:
         banks = erft_sharded.init_banks(config, latent_shape(config), dtype=bank_dtype(config))
-    zero = jnp.zeros((), jnp.int32)
+    def zero():  # one buffer each (a donated state must not hold one buffer twice)
+        return jnp.zeros((), jnp.int32)
+
     return TrainState(frozen=frozen, trainable=trainable, opt=make_optimizer(config).init(trainable), rng=k_rng,
-                      step=zero, nonfinite_run=zero, nonfinite_total=zero, banks=banks)
+                      step=zero(), nonfinite_run=zero(), nonfinite_total=zero(), banks=banks)
 
 
 def load_frozen_params(config, key) -> dict:
