@@ -169,3 +169,24 @@ def test_multiprocess_environment_detection():
     assert distributed.is_multiprocess_env({"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"})
     info = distributed.initialize()  # single process here: a no-op
     assert info["process_count"] == 1
+
+
+def test_sharding_imports_nothing_from_svi_jax_and_erft_no_data_or_train():
+    """The layering rules: sharding knows meshes only; erft never imports the data or the trainer (function-level
+    imports included)."""
+    import ast
+
+    def imports(path):
+        out = set()
+        for n in ast.walk(ast.parse(path.read_text())):
+            if isinstance(n, ast.Import):
+                out |= {a.name for a in n.names}
+            elif isinstance(n, ast.ImportFrom):
+                out.add(("." * n.level) + (n.module or ""))
+        return out
+
+    pkg = ROOT / "svi_jax"
+    assert not {m for m in imports(pkg / "sharding.py") if m.startswith(("svi_jax", "."))}
+    for f in (pkg / "erft").glob("*.py"):
+        bad = {m for m in imports(f) if m.startswith(("svi_jax.data", "svi_jax.train", "svi_jax.pipeline"))}
+        assert not bad, (f.name, bad)
