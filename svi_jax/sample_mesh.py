@@ -143,7 +143,10 @@ class MeshSampler:
 
     def __init__(self, sample_fn: Callable, mesh, dit_config, params):
         self.sample_fn, self.mesh, self.dit_config = sample_fn, mesh, dit_config
-        self.param_shardings = sharding.to_shardings(sharding.dit_specs(dit_config, params, mesh), mesh)
+        from svi_jax.models.dit import logical_specs
+
+        specs = sharding.dit_specs(logical_specs(dit_config), params, mesh)
+        self.param_shardings = sharding.to_shardings(specs, mesh)
         self._jits: dict = {}
 
     def place(self, params):

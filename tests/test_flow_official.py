@@ -95,7 +95,7 @@ def _setup(batch_size=3):
     dcfg = DiTConfig.from_dict(c.model.to_dict())
     params = {"dit": _random_tree(jax.eval_shape(lambda: init_params(dcfg, jax.random.key(0))), 1)}
     state = jax.jit(lambda p, k: T.init_state(c, p, k))(params, jax.random.key(2))
-    state["lora"] = _random_tree(state["lora"], 3)
+    state = state.replace(trainable={"lora": _random_tree(state["lora"], 3)})
     r = np.random.RandomState(0)
     batch = {"x0": r.randn(batch_size, 2, 4, 4, 4).astype(np.float32),
              "y": r.randn(batch_size, 2, 4, 4, 8).astype(np.float32),
@@ -137,7 +137,7 @@ def test_training_timestep_ids_are_uniform_over_the_1000():
     keys = jax.random.split(jax.random.key(7), 400)
 
     def t_of(k):
-        return step(dict(state, rng=k), one)[1]["t_mean"]
+        return step(state.replace(rng=k), one)[1]["t_mean"]
 
     ts = np.asarray(jax.jit(jax.vmap(t_of))(keys))
     table = OfficialFlowMatch().set_timesteps(1000, training=True).timesteps.numpy()

@@ -231,3 +231,9 @@ def sample_pooled(bank: Bank, key):
     idx = (r - (cum[grid] - bank.count[grid])).astype(jnp.int32)
     ok = total > 0
     return jnp.where(ok, _read(bank, grid, idx), 0.0), ok
+
+
+def init_banks(shape, num_grids: int = 50, capacity: int = 500, dtype=None) -> dict:
+    """``{'noise': Bank, 'latent': Bank}``, both empty (bf16 unless ``dtype`` says otherwise)."""
+    dtype = jnp.bfloat16 if dtype is None else dtype
+    return {name: init_bank(num_grids, capacity, shape, dtype) for name in ("noise", "latent")}
