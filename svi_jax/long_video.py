@@ -17,7 +17,7 @@ import numpy as np
 from svi_jax.clip_loop import (ChainState, ClipLoop, ClipResult, condition_video, load_image,  # noqa: F401 (API)
                                motion_latent_frames, to_float, to_uint8)
 from svi_jax.conditioning import build_y
-from svi_jax.sampler import NEGATIVE_PROMPT, make_sampler, resolve_cfg_batch
+from svi_jax.denoise import NEGATIVE_PROMPT, make_sampler, resolve_cfg_batch
 
 log = logging.getLogger("svi_jax.sample")
 

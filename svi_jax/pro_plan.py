@@ -3,7 +3,7 @@
   python -m svi_jax.pro_plan --config configs/pro.py --devices 8 --mesh fsdp=8 --target tpu --chip v5p \\
       [--num_steps 50] [--json out.json]
 
-Compiles :func:`svi_jax.sampler_experts.make_expert_sampler` (the whole 50-step loop with the ``lax.cond`` between
+Compiles :func:`svi_jax.denoise_experts.make_expert_sampler` (the whole 50-step loop with the ``lax.cond`` between
 the experts, CFG as one batch-2 forward) for one clip of ``config.data`` size, the two experts' params split by the
 rules table of :mod:`svi_jax.sharding` (as one DiT's: FSDP over ``fsdp``), from ``jax.ShapeDtypeStruct``s (nothing
 allocated), for fake CPU devices or a TPU topology (``svi_jax.plan``'s targets), and reports per device the
@@ -24,7 +24,7 @@ def build(config, devices, sizes: dict, num_steps: int):
 
     from svi_jax import sharding
     from svi_jax.models.dit import DiTConfig, logical_specs, param_shapes
-    from svi_jax.sampler_experts import make_expert_sampler
+    from svi_jax.denoise_experts import make_expert_sampler
     from svi_jax.train.config import latent_shape
 
     cfg = DiTConfig.from_dict(dict(config.model.to_dict(), remat_policy="none"))

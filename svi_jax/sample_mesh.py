@@ -136,7 +136,7 @@ def resolved_attention(dit_config, mesh) -> str:
 
 class MeshSampler:
     """``sample(params, noise, context, neg_context, clip_fea, y, lora, extra, neg_extra)`` (the unjitted
-    ``svi_jax.sampler.make_sampler(..., jit=False)``) jitted on ``mesh``: DiT params by the rules table, every
+    ``svi_jax.denoise.make_sampler(..., jit=False)``) jitted on ``mesh``: DiT params by the rules table, every
     per-clip input split along its batch over ``data`` x ``fsdp`` where it divides (a batch-1 clip: replicated),
     traced under the mesh and the rules so the DiT's activation constraints and ``shard_map`` attention see it.
     The (replicated) result is returned on the first local device."""

@@ -5,7 +5,7 @@
 
 Builds the very program ``python -m svi_jax.sample`` builds on a mesh (:mod:`svi_jax.sample_mesh`: the default mesh
 for the devices -- CFG's two branches over ``data``, the tokens over ``context`` -- or ``--mesh``; the attention
-``auto`` resolves to for that target; :func:`svi_jax.sampler.make_sampler`'s whole ``num_steps`` loop with batched
+``auto`` resolves to for that target; :func:`svi_jax.denoise.make_sampler`'s whole ``num_steps`` loop with batched
 CFG; DiT params split by the rules table) from ``jax.ShapeDtypeStruct``s (nothing allocated), compiles it for fake
 CPU devices or a TPU topology, and reports the compiler's memory analysis per device. The frozen VAE / UMT5 / CLIP
 run once per clip on one device and are not part of this program.
@@ -26,7 +26,7 @@ def build(config, devices, mesh_spec, num_steps: int, cfg_scale: float, solver: 
 
     from svi_jax import sample_mesh
     from svi_jax.models.dit import DiTConfig, param_shapes
-    from svi_jax.sampler import make_sampler
+    from svi_jax.denoise import make_sampler
     from svi_jax.train.config import latent_shape
 
     cfg = DiTConfig.from_dict(dict(config.model.to_dict(), remat_policy="none"))   # as LongVideoSampler

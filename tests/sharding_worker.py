@@ -154,7 +154,7 @@ def check_sample():
     """The flow-matching sampler (CFG, 3 Euler steps) on a data x fsdp x context mesh (ulysses attention, weights
     FSDP-sharded) gives the same latents as on one device (the VAE decode after it is a deterministic function of
     the latents, so the same latents are the same video)."""
-    from svi_jax import sample_mesh, sampler
+    from svi_jax import denoise as sampler, sample_mesh
 
     c = tiny.get_config()
     c.model.update(num_layers=2, dim=32, num_heads=4, ffn_dim=64, in_dim=36, out_dim=16)

@@ -1,4 +1,4 @@
-"""Flow matching against the official formulas written here, not shared with svi_jax.flow / svi_jax.sampler.
+"""Flow matching against the official formulas written here, not shared with svi_jax.flow / svi_jax.denoise.
 
 The reference is a transcription of DiffSynth's ``FlowMatchScheduler`` as SVI ships it
 (vita-epfl/Stable-Video-Infinity ``diffsynth/schedulers/flow_match.py``, ``set_timesteps`` lines 31-49, ``step``
@@ -160,7 +160,7 @@ def official_euler_grid(n, shift=5.0):
 def test_euler_grid_written_here_is_the_official_scheduler_loop():
     """The grid the sampler tests use (written above) drives the same loop as ``scheduler.step`` over
     ``scheduler.timesteps``, and the sampler's grid is it."""
-    from svi_jax.sampler import euler_sigmas
+    from svi_jax.denoise import euler_sigmas
 
     r = np.random.RandomState(1)
     w = torch.from_numpy(r.randn(4, 4).astype(np.float32) * 0.3)

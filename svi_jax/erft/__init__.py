@@ -3,6 +3,8 @@ from svi_jax.erft.banks import (  # noqa: F401
     Bank,
     bank_nbytes,
     decode,
+    draw,
+    draw_pooled,
     encode,
     grid_of,
     grid_timesteps,

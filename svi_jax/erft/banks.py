@@ -213,7 +213,7 @@ def _read(bank: Bank, grid, idx):
     return decode(row, None if bank.scale is None else bank.scale[grid, idx])
 
 
-def sample(bank: Bank, key, grid):
+def draw(bank: Bank, key, grid):
     """A uniformly drawn stored error of ``grid`` as float32, and ``ok`` (False and zeros when empty)."""
     grid = jnp.clip(jnp.asarray(grid, jnp.int32), 0, bank.num_grids - 1)
     n = bank.count[grid]
@@ -222,7 +222,7 @@ def sample(bank: Bank, key, grid):
     return jnp.where(ok, _read(bank, grid, idx), 0.0), ok
 
 
-def sample_pooled(bank: Bank, key):
+def draw_pooled(bank: Bank, key):
     """A uniformly drawn error among every stored entry of every grid (float32), and ``ok``."""
     cum = jnp.cumsum(bank.count)
     total = cum[-1]
@@ -231,6 +231,9 @@ def sample_pooled(bank: Bank, key):
     idx = (r - (cum[grid] - bank.count[grid])).astype(jnp.int32)
     ok = total > 0
     return jnp.where(ok, _read(bank, grid, idx), 0.0), ok
+
+
+sample, sample_pooled = draw, draw_pooled   # deprecated names (one release): a bank draw is not a video sample
 
 
 def init_banks(shape, num_grids: int = 50, capacity: int = 500, dtype=None) -> dict:

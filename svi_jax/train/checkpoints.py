@@ -73,7 +73,7 @@ def try_restore(manager, root: str, step: int, abstract):
     """Verify and restore one step; raises IntegrityError (damaged) or CheckpointsUnusable (does not fit)."""
     import orbax.checkpoint as ocp
 
-    from svi_jax.checkpoint import CheckpointError, check_tree
+    from svi_jax.model_dirs import CheckpointError, check_tree
 
     d = os.path.join(root, str(step))
     if not integrity.verify_checksums(d):
@@ -84,7 +84,7 @@ def try_restore(manager, root: str, step: int, abstract):
     except Exception as e:
         raise integrity.IntegrityError(f"{d}: unreadable metadata ({_first_line(e)})") from None
     try:
-        from svi_jax.checkpoint import flatten
+        from svi_jax.model_dirs import flatten
 
         exp = {k: v for k, v in flatten(abstract).items() if not jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key)}
         got = {k: v for k, v in flatten(stored).items() if k not in flatten(abstract) or k in exp}
