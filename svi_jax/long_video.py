@@ -121,7 +121,11 @@ class LongVideoSampler(ClipLoop):
 
         fn = make_sampler(self.dit_config, int(num_steps), self.shift, float(cfg_scale), solver,
                           cfg_batch=self.cfg_batch, on_step=self.on_step, jit=self.mesh is None)
-        return fn if self.mesh is None else sample_mesh.MeshSampler(fn, self.mesh, self.dit_config, self.params)
+        if self.mesh is None:
+            return fn
+        from svi_jax.config_schema import logical_rules
+
+        return sample_mesh.MeshSampler(fn, self.mesh, self.dit_config, self.params, logical_rules(self.config))
 
     def place(self, params):
         """DiT params where the sampler runs them (split over the mesh, if any)."""

@@ -37,7 +37,9 @@ def build(config, devices, mesh_spec, num_steps: int, cfg_scale: float, solver: 
     fn = make_sampler(cfg, int(num_steps), float(config.erft.shift), float(cfg_scale), solver,
                       cfg_batch=cfg_batch, jit=False)
     shapes = param_shapes(cfg)
-    ms = sample_mesh.MeshSampler(fn, mesh, cfg, shapes)
+    from svi_jax.config_schema import logical_rules
+
+    ms = sample_mesh.MeshSampler(fn, mesh, cfg, shapes, logical_rules(config))
     F, h, w, C = latent_shape(config)
     S, f32 = jax.ShapeDtypeStruct, jnp.float32
     ctx = S((1, cfg.text_len, cfg.text_dim), f32)

@@ -141,9 +141,9 @@ def logical_tree_to_specs(logical, abstract, mesh, rules=LOGICAL_RULES):
     return jax.tree.map(lambda names, a: logical_to_spec(tuple(names), a.shape, mesh, rules), logical, abstract)
 
 
-def dit_specs(logical, abstract_params, mesh):
+def dit_specs(logical, abstract_params, mesh, rules=LOGICAL_RULES):
     """Specs of the DiT params from the model's logical specs (``svi_jax.models.dit.logical_specs(cfg)``)."""
-    return logical_tree_to_specs(logical, abstract_params, mesh)
+    return logical_tree_to_specs(logical, abstract_params, mesh, rules)
 
 
 def _is_spec(x) -> bool:
@@ -302,7 +302,7 @@ def logical_rules(rules=LOGICAL_RULES):
     return nn.logical_axis_rules(rules)
 
 
-def eval_shape_on(mesh: Mesh, fn: Callable, *args):
+def eval_shape_on(mesh: Mesh, fn: Callable, *args, rules=LOGICAL_RULES):
     """``jax.eval_shape(fn, *args)`` traced as :class:`MeshJit` traces (under ``mesh`` and the rules table)."""
-    with jax.set_mesh(mesh), logical_rules():
+    with jax.set_mesh(mesh), logical_rules(rules):
         return jax.eval_shape(fn, *args)

@@ -175,8 +175,32 @@ def check_sample():
     print("OK sample", flush=True)
 
 
+def check_rules():
+    """``config.sharding.rules`` is the table the trainer's state and step use: with 'embed' unsharded, the DiT's
+    width-sharded kernels are replicated over fsdp in ``train.build``'s abstract state and the step carries it."""
+    from svi_jax.train.builder import build
+
+    def kernel_specs(rules=None):
+        c = tiny.get_config()
+        c.model.update(num_layers=2, dim=32, num_heads=4, ffn_dim=64, in_dim=36, out_dim=16)
+        if rules is not None:
+            c.sharding.rules = rules
+        built = build(c, sharding.make_mesh({"fsdp": 8}), abstract=True)
+        ffn = built.shardings.frozen["dit"]["blocks"]["ffn"]["0"]["kernel"].spec
+        return ffn, built.step.rules
+
+    ffn, rules = kernel_specs()
+    assert "fsdp" in str(ffn) and rules == sharding.LOGICAL_RULES, (ffn, rules)
+    custom = tuple((n, None if n == "embed" else t) for n, t in sharding.LOGICAL_RULES)
+    ffn2, rules2 = kernel_specs(custom)
+    assert "fsdp" not in str(ffn2) and rules2 == custom, (ffn2, rules2)
+    print("OK rules", flush=True)
+
+
 def main():
-    which = sys.argv[1:] or ["attention", "sample", "train"]
+    which = sys.argv[1:] or ["attention", "sample", "train", "rules"]
+    if "rules" in which:
+        check_rules()
     if "attention" in which:
         check_attention()
     if "sample" in which:

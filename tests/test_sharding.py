@@ -34,12 +34,13 @@ def _env(devices: int):
 
 
 def test_eight_fake_devices():
-    """Attention (ulysses/ring == plain, with gradients), sampling and one ERFT train step on 4 meshes == 1 device."""
+    """config.sharding.rules drives the trainer's shardings; attention (ulysses/ring == plain, with gradients),
+    sampling and one ERFT train step on 4 meshes == 1 device."""
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "sharding_worker.py")], env=_env(8),
                           capture_output=True, text=True, timeout=900, cwd=str(ROOT))
     out = proc.stdout
     assert proc.returncode == 0, out[-3000:] + proc.stderr[-5000:]
-    for check in ("OK attention", "OK sample", "OK train {'data': 8}", "OK train {'data': 2, 'fsdp': 4}",
+    for check in ("OK rules", "OK attention", "OK sample", "OK train {'data': 8}", "OK train {'data': 2, 'fsdp': 4}",
                   "OK train {'data': 2, 'fsdp': 2, 'context': 2}", "OK train {'data': 2, 'context': 2, 'tensor': 2}"):
         assert check in out, out[-3000:]
 

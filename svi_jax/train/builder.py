@@ -17,6 +17,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from svi_jax import sharding
+from svi_jax.config_schema import logical_rules
 from svi_jax.erft import sharded as erft_sharded
 from svi_jax.models.dit import DiTConfig, logical_specs, param_shapes
 from svi_jax.train.config import make_optimizer
@@ -29,7 +30,12 @@ log = logging.getLogger("svi_jax.train")
 # ------------------------------------------------------------------------------------------------ shardings
 
 
-def encoder_specs(name: str, cfg, abstract, mesh):
+def rules_of(config) -> tuple:
+    """The logical rules table of ``config`` (``config.sharding.rules``; ``sharding.LOGICAL_RULES`` without one)."""
+    return logical_rules(config) or sharding.LOGICAL_RULES
+
+
+def encoder_specs(name: str, cfg, abstract, mesh, rules=sharding.LOGICAL_RULES):
     """Specs of the frozen encoders from their own logical names (UMT5 't5', CLIP 'clip', Wan VAE 'vae')."""
     if cfg is None or not jax.tree.leaves(abstract):  # unknown config (or nothing to place): replicate
         return sharding.replicated_specs(abstract)
@@ -45,7 +51,7 @@ def encoder_specs(name: str, cfg, abstract, mesh):
             logical = param_logical_axes(cfg)
         else:
             raise KeyError(name)
-        return sharding.logical_tree_to_specs(logical, abstract, mesh)
+        return sharding.logical_tree_to_specs(logical, abstract, mesh, rules)
     except Exception as e:  # noqa: BLE001 - unknown encoder: replicate it (they are small next to the DiT)
         log.info("replicating the %s params (%s)", name, e)
         return sharding.replicated_specs(abstract)
@@ -67,9 +73,9 @@ def state_specs(config, state: TrainState, mesh, tx, encoder_cfgs: Optional[Mapp
     """``PartitionSpec`` of every leaf of the train state (``state`` may be abstract), as a ``TrainState``."""
     import optax
 
-    params = state.params
-    dit = sharding.dit_specs(logical_specs(DiTConfig.from_dict(config.model.to_dict())), params["dit"], mesh)
-    pspecs = {name: dit if name == "dit" else encoder_specs(name, (encoder_cfgs or {}).get(name), p, mesh)
+    params, rules = state.params, rules_of(config)
+    dit = sharding.dit_specs(logical_specs(DiTConfig.from_dict(config.model.to_dict())), params["dit"], mesh, rules)
+    pspecs = {name: dit if name == "dit" else encoder_specs(name, (encoder_cfgs or {}).get(name), p, mesh, rules)
               for name, p in params.items()}
     trainable = {"dit": dit} if state.full else {"lora": sharding.lora_specs(state.trainable["lora"], dit)}
     opt = optax.tree_map_params(tx, lambda _, s: s, state.opt, trainable, transform_non_params=lambda _: P(),
@@ -115,18 +121,18 @@ class TrainStep:
     ``data`` x ``fsdp``, metrics replicated. Batches not yet on the mesh are put there (``device_put``, a no-op for
     arrays already sharded so)."""
 
-    def __init__(self, step_fn: Callable, mesh: Mesh, state_shardings):
-        self.step_fn, self.mesh, self.state_shardings = step_fn, mesh, state_shardings
+    def __init__(self, step_fn: Callable, mesh: Mesh, state_shardings, rules=sharding.LOGICAL_RULES):
+        self.step_fn, self.mesh, self.state_shardings, self.rules = step_fn, mesh, state_shardings, rules
         self.batch_shardings = None
         self.jitted: Optional[sharding.MeshJit] = None
 
     def build(self, state, batch) -> sharding.MeshJit:
         if self.jitted is None:
             self.batch_shardings = sharding.to_shardings(sharding.batch_specs(batch, self.mesh), self.mesh)
-            metrics = sharding.eval_shape_on(self.mesh, self.step_fn, state, batch)[1]
+            metrics = sharding.eval_shape_on(self.mesh, self.step_fn, state, batch, rules=self.rules)[1]
             m_sh = jax.tree.map(lambda _: NamedSharding(self.mesh, P()), metrics)
             self.jitted = sharding.MeshJit(self.step_fn, self.mesh, (self.state_shardings, self.batch_shardings),
-                                           (self.state_shardings, m_sh), donate_argnums=(0,))
+                                           (self.state_shardings, m_sh), donate_argnums=(0,), rules=self.rules)
         return self.jitted
 
     def __call__(self, state, batch):
@@ -141,7 +147,7 @@ def sharded_train_step(config, conditioner, mesh, state_shardings):
     """The train step as the trainer runs it, jitted on ``mesh`` with ``state_shardings`` (:class:`TrainStep`).
     Returns ``(step, module, tx)``."""
     step_fn, module, tx = make_train_step(config, conditioner.prepare)
-    return TrainStep(step_fn, mesh, state_shardings), module, tx
+    return TrainStep(step_fn, mesh, state_shardings, rules_of(config)), module, tx
 
 
 # ------------------------------------------------------------------------------------------------ build
