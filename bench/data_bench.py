@@ -54,7 +54,7 @@ def _clip_rate(dataset, cfg, n, workers):
 
 def _decode_only_rate(dataset, cfg, n):
     """ffmpeg decode + crop + resize alone (no float conversion), one at a time."""
-    from svi_jax.data import sampling
+    from svi_jax.data import windows
     from svi_jax.data.builder import open_dataset
     from svi_jax.data.video import decode_bytes
 
@@ -63,7 +63,7 @@ def _decode_only_rate(dataset, cfg, n):
     t = time.perf_counter()
     for i in range(n):
         r = src[i % len(src)]
-        p = sampling.plan_clip(int(r["num_frames"]), int(r["height"]), int(r["width"]), cfg, rng)
+        p = windows.plan_clip(int(r["num_frames"]), int(r["height"]), int(r["width"]), cfg, rng)
         decode_bytes(r["video"], start=p.start, count=p.num_real, stride=p.stride, crop=p.crop,
                      size=(cfg.height, cfg.width), fps=float(r["fps"]))
     return n / (time.perf_counter() - t)

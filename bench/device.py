@@ -150,9 +150,8 @@ def train_step_part(S, reps, results, peak, policies=REMAT):
             cond = LatentConditioner(config)
             mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
             params = {"dit": init_params(DiTConfig.from_dict(config.model.to_dict()), jax.random.key(0))}
-            state, shardings = sharding.init_sharded(lambda p, k: train.init_state(config, p, k), params,
-                                                     jax.random.key(1), mesh, config, train.make_optimizer(config))
-            step, _, _ = train.sharded_train_step(config, cond, mesh, shardings)
+            built = train.build(config, mesh, conditioner=cond, params=params, init_key=jax.random.key(1))
+            state, step = built.state, built.step
             batch = _batch(config, S, 1)
             compiled = step.lower(state, batch).compile()
             mem = compiled.memory_analysis()

@@ -108,7 +108,7 @@ def attach_lora(model, params, rank: int, seed: int = 1):
     from peft import LoraConfig
 
     from svi_jax import lora as lora_lib
-    from svi_jax.checkpoint import flatten, unflatten
+    from svi_jax.model_dirs import flatten, unflatten
 
     lora = lora_lib.init_lora(params, jax.random.key(seed), rank)
     rng = np.random.default_rng(seed)

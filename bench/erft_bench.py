@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Cost of the ERFT error banks: one ``insert`` + ``sample`` at capacity K vs a small dense forward.
+"""Cost of the ERFT error banks: one ``insert`` + ``draw`` at capacity K vs a small dense forward.
 
     python bench/erft_bench.py            # real-size latent [21, 60, 104, 16], K = 500 (≈2.1 GB bf16 per grid)
     python bench/erft_bench.py --quick    # tiny sizes, seconds
@@ -77,8 +77,8 @@ def _bank_times(shape, capacity, dtype, reps):
     e = jnp.asarray(np.random.default_rng(1).normal(size=shape), jnp.float32)
 
     ins = jax.jit(erft.insert, donate_argnums=0)
-    smp = jax.jit(erft.sample)
-    pooled = jax.jit(erft.sample_pooled)
+    smp = jax.jit(erft.draw)
+    pooled = jax.jit(erft.draw_pooled)
     state = {"bank": bank}
     del bank
 

@@ -5,7 +5,7 @@ guidance with the conditional and unconditional passes batched in one forward vs
                                             # latent 5x30x52 (1,950 video tokens) + 512 text + 257 CLIP tokens, fp32
     python bench/sample_bench.py --quick    # tiny sizes, seconds
 
-Each variant is the jitted whole-loop sampler of ``svi_jax.sampler.make_sampler`` (Euler, shift 5, CFG 5), timed
+Each variant is the jitted whole-loop sampler of ``svi_jax.denoise.make_sampler`` (Euler, shift 5, CFG 5), timed
 per call of ``steps`` denoising steps after a warm-up, variants round-robin (``bench.interleaved``) so machine load
 hits all alike; reported per step. Variants: ``base`` (random base weights), ``merged`` (the same shapes with a
 rank-r LoRA merged in: ``W += B @ A``), ``unmerged`` (the LoRA applied on the fly as ``x W + (x A) B``, what not
@@ -35,9 +35,9 @@ def run(quick: bool, reps: int | None = None) -> dict:
     import jax.numpy as jnp
 
     from svi_jax import lora as lora_lib
-    from svi_jax.checkpoint import flatten, unflatten
+    from svi_jax.model_dirs import flatten, unflatten
     from svi_jax.models.dit import DiTConfig, init_params
-    from svi_jax.sampler import make_sampler
+    from svi_jax.denoise import make_sampler
 
     c = dict(QUICK if quick else MID)
     reps = reps or c["reps"]

@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     if args.kind not in mods:
         parser.error(f"converter {args.kind!r} is not available in this build")
     from svi_jax.convert.common import ConversionError
-    from svi_jax.checkpoint import CheckpointError
+    from svi_jax.model_dirs import CheckpointError
 
     try:
         mods[args.kind].run(args)

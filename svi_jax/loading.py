@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib
 
-from svi_jax.checkpoint import CheckpointError, read_meta
+from svi_jax.model_dirs import CheckpointError, read_meta
 
 # kind -> "module:attribute" of a callable ``(directory, **kwargs) -> model object``
 _LOADERS = {

@@ -17,7 +17,7 @@ import numpy as np
 from svi_jax.clip_loop import (ChainState, ClipLoop, ClipResult, condition_video, load_image,  # noqa: F401 (API)
                                motion_latent_frames, to_float, to_uint8)
 from svi_jax.conditioning import build_y
-from svi_jax.sampler import NEGATIVE_PROMPT, make_sampler, resolve_cfg_batch
+from svi_jax.denoise import NEGATIVE_PROMPT, make_sampler, resolve_cfg_batch
 
 log = logging.getLogger("svi_jax.sample")
 
@@ -121,7 +121,11 @@ class LongVideoSampler(ClipLoop):
 
         fn = make_sampler(self.dit_config, int(num_steps), self.shift, float(cfg_scale), solver,
                           cfg_batch=self.cfg_batch, on_step=self.on_step, jit=self.mesh is None)
-        return fn if self.mesh is None else sample_mesh.MeshSampler(fn, self.mesh, self.dit_config, self.params)
+        if self.mesh is None:
+            return fn
+        from svi_jax.config_schema import logical_rules
+
+        return sample_mesh.MeshSampler(fn, self.mesh, self.dit_config, self.params, logical_rules(self.config))
 
     def place(self, params):
         """DiT params where the sampler runs them (split over the mesh, if any)."""

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from svi_jax.checkpoint import flatten, unflatten
+from svi_jax.model_dirs import flatten, unflatten
 
 DEFAULT_TARGETS = r"(self_attn|cross_attn)/(q|k|v|o)/kernel$|ffn/(0|2)/kernel$"
 _PREFIXES = ("pipe.dit.", "diffusion_model.", "model.diffusion_model.", "base_model.model.")

@@ -163,7 +163,7 @@ class ModuleTable:
     """Official parameter names of a DiT params tree -> ``(our flat path, block index or None, layout)``."""
 
     def __init__(self, params):
-        from svi_jax.checkpoint import flatten
+        from svi_jax.model_dirs import flatten
         from svi_jax.convert.dit import official_key
 
         self.flat = dict(flatten(params))
@@ -318,7 +318,7 @@ def merge_stack(params, stack: Iterable, default_strength: float = 1.0):
     ``stack``: :class:`LoraSpec` / ``PATH[:S]`` strings, or ``(state dict, strength)`` pairs."""
     import jax.numpy as jnp
 
-    from svi_jax.checkpoint import flatten, unflatten
+    from svi_jax.model_dirs import flatten, unflatten
 
     pairs = []
     for it in stack:

@@ -3,8 +3,8 @@
   python -m svi_jax.plan --config configs/shot.py --devices 64 --mesh data=8,fsdp=8 --chip v5p --json out.json
 
 Builds the train state and a latent-form batch as ``jax.ShapeDtypeStruct``s (the DiT step with cached latents,
-``pipeline.LatentConditioner``: the frozen VAE/UMT5/CLIP encoders are not part of the compiled step), jits the
-real train step with the shardings of :mod:`svi_jax.sharding`, lowers and compiles it for
+``conditioners.LatentConditioner``: the frozen VAE/UMT5/CLIP encoders are not part of the compiled step), jits the
+real train step as the trainer builds it (:func:`svi_jax.train.builder.build`, abstract), lowers and compiles it for
 
 * ``--target cpu`` (default): ``--devices`` fake CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count=N``,
   set here; the command re-executes itself if JAX was already initialised with another device count);
@@ -37,8 +37,7 @@ import sys
 import time
 
 from svi_jax import cli as _cli
-
-from svi_jax.plan_common import (CHIPS, COLLECTIVES, GB, _memory, default_topology,  # noqa: F401 (API)
+from svi_jax.plan_common import (CHIPS, COLLECTIVES, GB, memory, default_topology,  # noqa: F401 (API)
                                  ensure_devices, hlo_stats, load_config, parse_mesh, tpu_devices)
 
 
@@ -107,36 +106,30 @@ def analytic_flops(dit_cfg, latent_fhw, batch: int, text_len: int, remat: bool, 
 
 
 def build_step(config, devices, sizes: dict, batch_size: int):
-    """The trainer's own step (``train.sharded_train_step``, shardings from ``sharding.state_shardings`` as in
-    ``sharding.init_sharded``) on a mesh of ``devices``, with an abstract state and latent-form batch.
+    """The trainer's own step, built as the trainer builds it (``svi_jax.train.builder.build``, abstract: nothing
+    allocated) on a mesh of ``devices``, with a latent-form batch (cached latents, ``LatentConditioner``).
     Returns ``(step, state, batch, mesh)``; ``step.lower(state, batch)`` lowers it."""
     import jax
     import jax.numpy as jnp
 
-    from svi_jax import sharding, train
-    from svi_jax.models.dit import DiTConfig, param_shapes
-    from svi_jax.conditioners import LatentConditioner
+    from svi_jax import sharding
+    from svi_jax.models.dit import DiTConfig
+    from svi_jax.train.builder import build
+    from svi_jax.train.config import latent_shape
 
     mesh = sharding.make_mesh(sizes, devices=devices)
-    F, H, W, C = train.latent_shape(config)
+    built = build(config, mesh, abstract=True)
+    F, H, W, C = latent_shape(config)
     dit_cfg = DiTConfig.from_dict(config.model.to_dict())
-    S = jax.ShapeDtypeStruct
-    params = {"dit": param_shapes(dit_cfg)}
-    state = jax.eval_shape(lambda p, k: train.init_state(config, p, k), params, jax.random.key(0))
-    state["params"] = params
-    f32 = jnp.float32
-    batch = {"latents": S((batch_size, F, H, W, C), f32), "context": S((batch_size, dit_cfg.text_len,
-                                                                            dit_cfg.text_dim), f32)}
+    S, f32 = jax.ShapeDtypeStruct, jnp.float32
+    batch = {"latents": S((batch_size, F, H, W, C), f32),
+             "context": S((batch_size, dit_cfg.text_len, dit_cfg.text_dim), f32)}
     if dit_cfg.is_i2v:
         batch["y"] = S((batch_size, F, H, W, C + 4), f32)
         batch["clip_fea"] = S((batch_size, 257, dit_cfg.image_dim), f32)
-    cond = LatentConditioner(config)
-    shardings = sharding.state_shardings(config, state, mesh, train.make_optimizer(config),
-                                         sharding.encoder_configs(cond))
-    step, _, _ = train.sharded_train_step(config, cond, mesh, shardings)
-    step.build(state, batch)
+    built.step.build(built.state, batch)
     # abstract arrays placed as the trainer's are (the same avals, so the same trace)
-    return step, sharding.abstract(state, shardings), sharding.abstract(batch, step.batch_shardings), mesh
+    return built.step, built.state, sharding.abstract(batch, built.step.batch_shardings), mesh
 
 
 def remat_report(config, devices, sizes, batch_size, policies, hbm_gb: float) -> dict:
@@ -157,7 +150,7 @@ def remat_report(config, devices, sizes, batch_size, policies, hbm_gb: float) ->
             out[name] = {"fits": False, "error": str(e).strip().splitlines()[0][:300],
                          "compile_s": time.time() - t0}
             continue
-        mem = _memory(compiled)
+        mem = memory(compiled)
         out[name] = dict(mem, fits=bool(mem["peak"] <= hbm_gb), compile_s=time.time() - t0,
                          compiled_flops_per_device=hlo_stats(compiled.as_text())["flops"])
     return out
@@ -166,9 +159,11 @@ def remat_report(config, devices, sizes, batch_size, policies, hbm_gb: float) ->
 def plan(args) -> dict:
     import jax
 
-    from svi_jax import sharding, train
+    from svi_jax import sharding
+    from svi_jax.erft.sharded import bank_mode, num_bank_replicas
     from svi_jax.models.dit import DiTConfig
     from svi_jax.models.layers import resolve_attention
+    from svi_jax.train.config import latent_shape, validate_config
 
     config = load_config(args.config, args.set)
     mesh_cfg = dict(config.mesh)
@@ -180,9 +175,9 @@ def plan(args) -> dict:
     requested = config.model.attention
     if args.attention:  # an explicit override (the report says so); otherwise exactly what the trainer builds
         config.model.attention = args.attention
-    if sharding.bank_mode(config) == "replica" and not config.erft.get("bank_replicas", 0):
+    if bank_mode(config) == "replica" and not config.erft.get("bank_replicas", 0):
         config.erft.bank_replicas = sizes["data"]
-    train.validate_config(config)
+    validate_config(config)
     topology = ""
     if args.target == "tpu":
         topology = args.topology or default_topology(args.chip, args.devices)
@@ -195,7 +190,7 @@ def plan(args) -> dict:
             raise RuntimeError(f"expected {args.devices} devices, JAX sees {len(devices)} "
                                f"(XLA_FLAGS={os.environ.get('XLA_FLAGS')!r})")
     batch_size = args.batch or sizes["data"] * sizes["fsdp"]
-    F, H, W, C = train.latent_shape(config)
+    F, H, W, C = latent_shape(config)
     dit_cfg = DiTConfig.from_dict(config.model.to_dict())
     resolved = resolve_attention(config.model.attention, devices[0].platform, len(devices))
 
@@ -214,9 +209,11 @@ def plan(args) -> dict:
 
     # per-part argument bytes from the shard shapes
     s_sh, b_sh = jitted.jitted.in_shardings
-    parts = {}
-    for name in state:
-        parts[name] = sharding.per_device_bytes(state[name], s_sh[name])
+    parts = {"params": sharding.per_device_bytes(state.params, s_sh.params)}
+    saved, saved_sh = state.checkpoint(), s_sh.checkpoint()
+    for name in saved:
+        if name != "dit":   # a full fine-tune's DiT: counted with the params
+            parts[name] = sharding.per_device_bytes(saved[name], saved_sh[name])
     parts["batch"] = sharding.per_device_bytes(batch, b_sh)
     bank_bytes = parts.get("banks", 0)
     K = int(config.erft.capacity)
@@ -226,7 +223,7 @@ def plan(args) -> dict:
     peak = args_b + out_b - alias_b + temp_b
     chip = CHIPS[args.chip]
     hbm = chip["hbm_gb"] * GB
-    lora_params = sum(int(math.prod(a.shape)) for a in jax.tree.leaves(state.get("lora", {}))) \
+    lora_params = sum(int(math.prod(a.shape)) for a in jax.tree.leaves(state.lora or {})) \
         // max(dit_cfg.num_layers, 1) * dit_cfg.num_layers
     ana = analytic_flops(dit_cfg, (F, H, W), batch_size, dit_cfg.text_len,
                          config.model.remat_policy != "none", int(config.lora.rank), lora_params)
@@ -249,8 +246,8 @@ def plan(args) -> dict:
                       attention=resolved, attention_config=requested,
                       attention_override=args.attention or None),
         "lora_rank": int(config.lora.rank),
-        "erft": {"bank_mode": sharding.bank_mode(config),
-                 "bank_replicas": sharding.num_bank_replicas(config, args.devices),
+        "erft": {"bank_mode": bank_mode(config),
+                 "bank_replicas": num_bank_replicas(config, args.devices),
                  "num_grids": int(config.erft.num_grids), "capacity": K, "bank_dtype": config.erft.bank_dtype},
         "per_device_gb": {
             "arguments": args_b / GB, "outputs": out_b / GB, "aliased": alias_b / GB, "temporaries": temp_b / GB,
@@ -340,7 +337,7 @@ def main(argv=None) -> int:
         if args.sample:
             from svi_jax import sample_plan
 
-            report = sample_plan.run(args)
+            report = sample_plan.run(args, load_config(args.config, args.set))
         else:
             report = plan(args)
     except Exception as e:  # noqa: BLE001

@@ -230,7 +230,7 @@ def hlo_stats(text: str) -> dict:
     return {"flops": flops, "collective_bytes": coll, "collective_bytes_by_kind": coll_by}
 
 
-def _memory(compiled) -> dict:
+def memory(compiled) -> dict:
     mem = compiled.memory_analysis()
     peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
     return {"arguments": mem.argument_size_in_bytes / GB, "outputs": mem.output_size_in_bytes / GB,

@@ -13,7 +13,7 @@ its script ``inference_svi_2.0_pro.py``, per clip ``k``:
 * the previous clip's final *latents* pass on directly (L335 ``prev_last_latent = latents[0]``), never decoded and
   re-encoded; the decoded frames are only for the video.
 * sampling: the two experts, high-noise (``dit`` + the high LoRA) while ``t >= boundary * 1000``, then low-noise
-  (``dit2`` + the low LoRA) (L226, L293; :mod:`svi_jax.sampler_experts`), Euler at shift 5, 50 steps, CFG
+  (``dit2`` + the low LoRA) (L226, L293; :mod:`svi_jax.denoise_experts`), Euler at shift 5, 50 steps, CFG
   (script default 5.0; the README's command passes 4), the timestep rounded to bf16 before the model (L299).
 * seed ``seed + k * seed_times`` (script: ``clip_idx * 42``); noise from ``jax.random.key(seed_k)`` (the official
   draws with torch's CPU generator: same distribution, not the same numbers).
@@ -37,7 +37,7 @@ import numpy as np
 
 from svi_jax.conditioning import build_y, pro_y16  # noqa: F401 (API: svi_jax.pro.pro_y16)
 from svi_jax.clip_loop import ChainState, ClipLoop, to_float, to_uint8
-from svi_jax.sampler import NEGATIVE_PROMPT
+from svi_jax.denoise import NEGATIVE_PROMPT
 
 EXPERTS = ("high", "low")
 #: The negative prompt of the official Pro script (L99; Wan2.2's ``sample_neg_prompt``).
@@ -71,7 +71,7 @@ def load_experts(config, key, names: Sequence[str] = EXPERTS) -> dict:
     """``{name: params}`` of the experts: from ``config.checkpoints.dit`` (a two-expert directory written by
     ``convert/from_torch.py wan22``) or -- path '' (tiny configs) -- a seeded random init per expert (the high
     expert's is the one ``svi_jax.train`` draws for a single DiT)."""
-    from svi_jax.checkpoint import CheckpointError, read_meta
+    from svi_jax.model_dirs import CheckpointError, read_meta
     from svi_jax.models.dit import DiT, DiTConfig, init_params
     from svi_jax.models.layers import dtype_of
 
@@ -134,7 +134,7 @@ class ProSampler(ClipLoop):
                  keep_base: bool = False):
         from svi_jax import encoders
         from svi_jax.models.dit import DiTConfig
-        from svi_jax.sampler import resolve_cfg_batch
+        from svi_jax.denoise import resolve_cfg_batch
 
         d = config.data
         self.config = config
@@ -199,7 +199,7 @@ class ProSampler(ClipLoop):
 
     def make_sample_fn(self, num_steps: int, cfg_scale, solver: str):
         """The compiled two-expert loop for these settings (also per clip, :class:`svi_jax.schedule.ClipRunner`)."""
-        from svi_jax.sampler_experts import make_expert_sampler
+        from svi_jax.denoise_experts import make_expert_sampler
 
         return make_expert_sampler(self.dit_config, int(num_steps), self.shift, cfg_scale, solver,
                                    boundary=self.boundary, t_dtype=self.t_dtype, cfg_batch=self.cfg_batch,

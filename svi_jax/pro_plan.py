@@ -3,7 +3,7 @@
   python -m svi_jax.pro_plan --config configs/pro.py --devices 8 --mesh fsdp=8 --target tpu --chip v5p \\
       [--num_steps 50] [--json out.json]
 
-Compiles :func:`svi_jax.sampler_experts.make_expert_sampler` (the whole 50-step loop with the ``lax.cond`` between
+Compiles :func:`svi_jax.denoise_experts.make_expert_sampler` (the whole 50-step loop with the ``lax.cond`` between
 the experts, CFG as one batch-2 forward) for one clip of ``config.data`` size, the two experts' params split by the
 rules table of :mod:`svi_jax.sharding` (as one DiT's: FSDP over ``fsdp``), from ``jax.ShapeDtypeStruct``s (nothing
 allocated), for fake CPU devices or a TPU topology (``svi_jax.plan``'s targets), and reports per device the
@@ -23,14 +23,14 @@ def build(config, devices, sizes: dict, num_steps: int):
     import jax.numpy as jnp
 
     from svi_jax import sharding
-    from svi_jax.models.dit import DiTConfig, param_shapes
-    from svi_jax.sampler_experts import make_expert_sampler
-    from svi_jax.train import latent_shape
+    from svi_jax.models.dit import DiTConfig, logical_specs, param_shapes
+    from svi_jax.denoise_experts import make_expert_sampler
+    from svi_jax.train.config import latent_shape
 
     cfg = DiTConfig.from_dict(dict(config.model.to_dict(), remat_policy="none"))
     mesh = sharding.make_mesh(sizes, devices)
     shapes = param_shapes(cfg)
-    pspecs = sharding.dit_specs(cfg, shapes, mesh)
+    pspecs = sharding.dit_specs(logical_specs(cfg), shapes, mesh)
     F, h, w, C = latent_shape(config)
     S, f32 = jax.ShapeDtypeStruct, jnp.float32
     noise = S((1, F, h, w, C), f32)
@@ -48,11 +48,12 @@ def build(config, devices, sizes: dict, num_steps: int):
 
 def plan(args) -> dict:
     from svi_jax import plan as P
+    from svi_jax import plan_common as T
 
     config = P.load_config(args.config, args.set or [])
-    sizes = P.parse_mesh(args.mesh) if args.mesh else {"fsdp": args.devices}
+    sizes = T.parse_mesh(args.mesh) if args.mesh else {"fsdp": args.devices}
     if args.target == "tpu":
-        devices = P.tpu_devices(args.topology or P.default_topology(args.chip, args.devices))
+        devices = T.tpu_devices(args.topology or T.default_topology(args.chip, args.devices))
     else:
         import jax
 
@@ -60,24 +61,24 @@ def plan(args) -> dict:
     mj, example, cfg, latent = build(config, devices, sizes, args.num_steps)
     t0 = time.perf_counter()
     compiled = mj.lower(*example).compile()
-    mem = P._memory(compiled)
+    mem = T.memory(compiled)
     param_bytes = 2 * sum(a.size * a.dtype.itemsize for a in __import__("jax").tree.leaves(example[0]["high"]))
     return {"config": args.config, "target": args.target, "devices": args.devices, "mesh": sizes, "chip": args.chip,
-            "chip_hbm_gb": P.CHIPS[args.chip]["hbm_gb"], "latent": list(latent), "num_steps": args.num_steps,
+            "chip_hbm_gb": T.CHIPS[args.chip]["hbm_gb"], "latent": list(latent), "num_steps": args.num_steps,
             "params_both_experts_gb_total": param_bytes / GB, "memory_per_device_gb": mem,
             "compile_s": round(time.perf_counter() - t0, 1)}
 
 
 def main(argv=None) -> int:
     from svi_jax import cli
-    from svi_jax import plan as P
+    from svi_jax import plan_common as T
 
     p = cli.ArgumentParser(prog="python -m svi_jax.pro_plan", description=__doc__.split("\n\n")[0],
                            config_overrides=True, overrides_dest="set", override_aliases=("--set",))
     p.add_argument("--config", required=True)
     p.add_argument("--devices", type=int, required=True)
     p.add_argument("--mesh", default="")
-    p.add_argument("--chip", default="v5p", choices=sorted(P.CHIPS))
+    p.add_argument("--chip", default="v5p", choices=sorted(T.CHIPS))
     p.add_argument("--target", default="cpu", choices=("cpu", "tpu"))
     p.add_argument("--topology", default="")
     p.add_argument("--num_steps", type=int, default=50)

@@ -12,7 +12,7 @@ here that is not the Shot recipe is our choice:
   shift 5: high = the 21 timesteps 1000 .. 882.4, low = the 29 from 873.5 down) -- ``erft.grid_offset`` /
   ``erft.num_grids`` / ``erft.grid_steps``;
 * the Pro conditioning: ``y16 = [VAE(anchor), x0[1:1+n], zeros]`` with the anchor a frame from *outside* the
-  clip (``data.anchor='outside'``, :func:`svi_jax.data.sampling.outside_frame`) and the motion latent the clip's
+  clip (``data.anchor='outside'``, :func:`svi_jax.data.windows.outside_frame`) and the motion latent the clip's
   own latent 1 -- the frames 1..4 that, at inference, are the previous clip's last latent and that the stitching
   drops; the target stays the clip's own latents; with ``pro.p_first_clip`` the clip-0 form ``[x0[:1], zeros]``;
 * the recycled image error goes to the motion latent only (``erft.y_error_start=1``, ``y_error_num=n``): at

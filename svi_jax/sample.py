@@ -11,7 +11,7 @@ As the official ``test_svi.py`` / ``SVIVideoPipeline``: per clip ``k``
   ``m`` frames of the previous clip (``m`` = 1 Shot, 5 Film) -- followed by padding (the reference image for
   Shot, ``pad='ref'``; zeros for Film, ``pad='zero'``) to ``num_frames``, VAE-encoded, with the mask marking pixel
   frame 0; CLIP sees the first condition frame. Frames pass through uint8 between clips as in the official code.
-* sampling (:mod:`svi_jax.sampler`): Euler at shift 5, 50 steps, CFG 5 with the official negative prompt;
+* sampling (:mod:`svi_jax.denoise`): Euler at shift 5, 50 steps, CFG 5 with the official negative prompt;
 * the stitched video drops the last ``m`` frames of every clip but the final one; 24 fps.
 
 ``--chain latent`` (the SVI 2.0 "Pro" idea): clip ``k+1``'s conditioning latents start with the last latent
@@ -45,7 +45,7 @@ from svi_jax.prompts import (PromptFileError, clip_seed, load_prompts, parse_pro
                              schedule_prompts)
 from svi_jax.sample_output import (STATE_VERSION, Output, ResumeError, file_sha256, lora_records,  # noqa: F401
                                    preflight, read_state, resolve_lora, sidecar, write_json, write_state)
-from svi_jax.sampler import NEGATIVE_PROMPT  # noqa: F401 (API)
+from svi_jax.denoise import NEGATIVE_PROMPT  # noqa: F401 (API)
 
 log = logging.getLogger("svi_jax.sample")
 

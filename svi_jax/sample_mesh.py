@@ -136,14 +136,18 @@ def resolved_attention(dit_config, mesh) -> str:
 
 class MeshSampler:
     """``sample(params, noise, context, neg_context, clip_fea, y, lora, extra, neg_extra)`` (the unjitted
-    ``svi_jax.sampler.make_sampler(..., jit=False)``) jitted on ``mesh``: DiT params by the rules table, every
+    ``svi_jax.denoise.make_sampler(..., jit=False)``) jitted on ``mesh``: DiT params by the rules table, every
     per-clip input split along its batch over ``data`` x ``fsdp`` where it divides (a batch-1 clip: replicated),
     traced under the mesh and the rules so the DiT's activation constraints and ``shard_map`` attention see it.
     The (replicated) result is returned on the first local device."""
 
-    def __init__(self, sample_fn: Callable, mesh, dit_config, params):
+    def __init__(self, sample_fn: Callable, mesh, dit_config, params, rules=None):
         self.sample_fn, self.mesh, self.dit_config = sample_fn, mesh, dit_config
-        self.param_shardings = sharding.to_shardings(sharding.dit_specs(dit_config, params, mesh), mesh)
+        self.rules = sharding.LOGICAL_RULES if rules is None else rules   # config.sharding.rules
+        from svi_jax.models.dit import logical_specs
+
+        specs = sharding.dit_specs(logical_specs(dit_config), params, mesh, self.rules)
+        self.param_shardings = sharding.to_shardings(specs, mesh)
         self._jits: dict = {}
 
     def place(self, params):
@@ -160,7 +164,8 @@ class MeshSampler:
         if key not in self._jits:
             rest_sh = [jax.tree.map(self._batch_sharding, a) for a in rest]
             in_sh = (self.param_shardings, self._batch_sharding(noise), *rest_sh)
-            self._jits[key] = sharding.MeshJit(self.sample_fn, self.mesh, in_sh, self._batch_sharding(noise))
+            self._jits[key] = sharding.MeshJit(self.sample_fn, self.mesh, in_sh, self._batch_sharding(noise),
+                                               rules=self.rules)
         return self._jits[key]
 
     def _placed(self, f, args):

@@ -5,7 +5,7 @@
 
 Builds the very program ``python -m svi_jax.sample`` builds on a mesh (:mod:`svi_jax.sample_mesh`: the default mesh
 for the devices -- CFG's two branches over ``data``, the tokens over ``context`` -- or ``--mesh``; the attention
-``auto`` resolves to for that target; :func:`svi_jax.sampler.make_sampler`'s whole ``num_steps`` loop with batched
+``auto`` resolves to for that target; :func:`svi_jax.denoise.make_sampler`'s whole ``num_steps`` loop with batched
 CFG; DiT params split by the rules table) from ``jax.ShapeDtypeStruct``s (nothing allocated), compiles it for fake
 CPU devices or a TPU topology, and reports the compiler's memory analysis per device. The frozen VAE / UMT5 / CLIP
 run once per clip on one device and are not part of this program.
@@ -26,8 +26,8 @@ def build(config, devices, mesh_spec, num_steps: int, cfg_scale: float, solver: 
 
     from svi_jax import sample_mesh
     from svi_jax.models.dit import DiTConfig, param_shapes
-    from svi_jax.sampler import make_sampler
-    from svi_jax.train import latent_shape
+    from svi_jax.denoise import make_sampler
+    from svi_jax.train.config import latent_shape
 
     cfg = DiTConfig.from_dict(dict(config.model.to_dict(), remat_policy="none"))   # as LongVideoSampler
     mesh, cfg, cfg_batch = sample_mesh.setup(mesh_spec, cfg, cfg_scale, None, devices=devices)
@@ -37,7 +37,9 @@ def build(config, devices, mesh_spec, num_steps: int, cfg_scale: float, solver: 
     fn = make_sampler(cfg, int(num_steps), float(config.erft.shift), float(cfg_scale), solver,
                       cfg_batch=cfg_batch, jit=False)
     shapes = param_shapes(cfg)
-    ms = sample_mesh.MeshSampler(fn, mesh, cfg, shapes)
+    from svi_jax.config_schema import logical_rules
+
+    ms = sample_mesh.MeshSampler(fn, mesh, cfg, shapes, logical_rules(config))
     F, h, w, C = latent_shape(config)
     S, f32 = jax.ShapeDtypeStruct, jnp.float32
     ctx = S((1, cfg.text_len, cfg.text_dim), f32)
@@ -57,39 +59,39 @@ def _clip_tokens(config) -> int:
 def plan(args, config, devices) -> dict:
     import jax
 
-    from svi_jax import plan_common as P
+    from svi_jax import plan_common as T
     from svi_jax import sample_mesh
 
     cfg_scale = float(config.get("sample", {}).get("cfg_scale", 5.0))
-    mesh_spec = P.parse_mesh(args.mesh) if args.mesh else None
+    mesh_spec = T.parse_mesh(args.mesh) if args.mesh else None
     ms, example, cfg, latent = build(config, devices, mesh_spec, args.num_steps, cfg_scale)
     sizes = {k: int(v) for k, v in ms.mesh.shape.items()}
     t0 = time.perf_counter()
     compiled = ms._build(example).lower(*example).compile()       # abstract args: nothing to place
     params = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(example[0]))
-    mem = P._memory(compiled)
+    mem = T.memory(compiled)
     return {"mode": "sample", "config": args.config, "overrides": list(args.set), "target": args.target,
-            "topology": args.topology or (P.default_topology(args.chip, args.devices) if args.target == "tpu" else ""),
-            "devices": args.devices, "mesh": sizes, "chip": args.chip, "chip_hbm_gb": P.CHIPS[args.chip]["hbm_gb"],
+            "topology": args.topology or (T.default_topology(args.chip, args.devices) if args.target == "tpu" else ""),
+            "devices": args.devices, "mesh": sizes, "chip": args.chip, "chip_hbm_gb": T.CHIPS[args.chip]["hbm_gb"],
             "latent": list(latent), "tokens_per_clip": int(np.prod(np.asarray(latent[:3]) // np.asarray(cfg.patch_size))),
             "num_steps": args.num_steps, "cfg_scale": cfg_scale,
             "model": {"dim": cfg.dim, "num_layers": cfg.num_layers, "param_dtype": cfg.param_dtype,
                       "attention": sample_mesh.resolved_attention(cfg, ms.mesh)},
             "params_gb_total": params / GB, "memory_per_device_gb": mem,
-            "fits": mem["peak"] <= P.CHIPS[args.chip]["hbm_gb"],
+            "fits": mem["peak"] <= T.CHIPS[args.chip]["hbm_gb"],
             "compile_s": round(time.perf_counter() - t0, 1), "jax": jax.__version__, "label": args.label}
 
 
-def run(args) -> dict:
-    """``python -m svi_jax.plan --sample``: the sampler's plan on the target's devices."""
+def run(args, config) -> dict:
+    """``python -m svi_jax.plan --sample``: the sampler's plan of ``config`` (loaded by the command) on the target's
+    devices."""
     import jax
 
-    from svi_jax import plan_common as P
+    from svi_jax import plan_common as T
 
-    config = P.load_config(args.config, args.set)
     if args.attention:
         config.model.attention = args.attention
-    devices = (P.tpu_devices(args.topology or P.default_topology(args.chip, args.devices)) if args.target == "tpu"
+    devices = (T.tpu_devices(args.topology or T.default_topology(args.chip, args.devices)) if args.target == "tpu"
                else jax.devices()[: args.devices])
     r = plan(args, config, devices)
     r["attention_override"] = args.attention or None

@@ -41,7 +41,7 @@ import os
 from typing import Any, Optional, Sequence
 
 from svi_jax.prompts import clip_seed
-from svi_jax.sampler import SOLVERS
+from svi_jax.denoise import SOLVERS
 
 FIELDS = ("prompt", "negative_prompt", "seed", "steps", "cfg_scale", "solver", "loras", "motion_frames")
 PAIR_FIELDS = ("lora_high", "lora_low")     # --chain pro: the two experts' LoRAs (Clip.loras = the pair, "" = none)

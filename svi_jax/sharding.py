@@ -1,8 +1,8 @@
-"""One device mesh, one logical-axis rules table, sharded train state and a pjit-style train step.
+"""One device mesh, one logical-axis rules table, partition specs and the one jit helper (:class:`MeshJit`).
 
 Mesh axes (``config.mesh``; sizes, ``-1`` = the rest of the devices, at most one ``-1``):
 
-* ``data``: data parallelism. Each data replica owns its ERFT banks (``erft.bank_mode='replica'``).
+* ``data``: data parallelism (each data replica owns its ERFT banks, ``svi_jax.erft.sharded``).
 * ``fsdp``: the batch is split over it as well, and every weight/optimizer tensor is sharded over it (ZeRO-3 /
   FSDP: XLA all-gathers a layer's weights right before use and reduce-scatters the gradients).
 * ``context``: the token sequence of one clip (32,760 tokens at 81x480x832) split across devices; attention
@@ -10,43 +10,22 @@ Mesh axes (``config.mesh``; sizes, ``-1`` = the rest of the devices, at most one
 * ``tensor``: Megatron-style heads / FFN-hidden split.
 
 ``LOGICAL_RULES`` maps the logical names carried by every parameter and activation constraint of the DiT, the
-UMT5 / CLIP encoders and the VAE to these axes. ``state_shardings`` gives the ``NamedSharding`` of every leaf of
-the train state; ``jit_train_step`` jits the step with explicit in/out shardings and the state donated.
-
-ERFT banks on a mesh (``config.erft.bank_mode``):
-
-* ``'replica'`` (default, the official semantics): ``R`` = ``erft.bank_replicas`` (0: the ``data`` axis size)
-  banks, stacked replica-major along the grid axis (``errors [R*G, K, *latent]``) and split by replica over
-  ``data``; each entry (a whole latent) is
-  additionally split over the replica's other devices (``fsdp``/``context``/``tensor``) along the latent's own
-  axes. Example ``b`` of the global batch belongs to replica ``b // (B / R)``; it samples from and inserts into
-  its replica's banks (all replicas' errors during warm-up, via ``erft.curate(axis_name=...)``). On a mesh whose
-  ``data`` size is ``R`` this runs under ``shard_map`` over ``data`` (each device touches only its replica's
-  entries, updates in place); elsewhere (one device, tests) as a ``vmap`` with the same result.
-  Memory: ``2 x G x K x |latent|`` bytes per replica, divided by the devices of a replica.
-* ``'global'``: one pair of banks shared by all replicas, entries split over *all* devices; every error of the
-  global batch is inserted each step (the warm-up behaviour, forever). The nearest-neighbour replacement is the
-  same code: each device computes the squared distances over its slice of every entry of the grid, one
-  all-reduce of ``K`` partial sums gives the global distances and the argmin. Memory: ``2 x G x K x |latent|``
-  divided by *all* devices (``R`` times less per device than 'replica'), at the price of one shared error
-  population (diversity across replicas is shared, not kept separate) and ``B`` inserts per step into one bank.
+UMT5 / CLIP encoders and the VAE to these axes. This module knows meshes and specs only (it imports nothing from
+``svi_jax``): callers pass the models' logical specs in (``dit_specs``), the train state's shardings are put
+together in ``svi_jax.train.build``, the ERFT bank layout lives in ``svi_jax.erft.sharded``. :class:`MeshJit` is
+the one jit helper: the trainer, ``svi_jax.plan`` and the sampler all jit through it.
 """
 from __future__ import annotations
 
-import logging
 import math
-from typing import Any, Callable, Mapping, Optional
+from typing import Callable, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-log = logging.getLogger(__name__)
-
 MESH_AXES = ("data", "fsdp", "context", "tensor")
 BATCH_AXES = ("data", "fsdp")
-BANK_MODES = ("replica", "global")
 
 # Logical axis -> mesh axes, in priority order (flax semantics: a rule is skipped when its mesh axes are already
 # used by another dimension of the same array, the dimension then stays unsharded).
@@ -162,20 +141,50 @@ def logical_tree_to_specs(logical, abstract, mesh, rules=LOGICAL_RULES):
     return jax.tree.map(lambda names, a: logical_to_spec(tuple(names), a.shape, mesh, rules), logical, abstract)
 
 
-def dit_specs(model_cfg, abstract_params, mesh):
-    from svi_jax.models.dit import DiTConfig, logical_specs
+def dit_specs(logical, abstract_params, mesh, rules=LOGICAL_RULES):
+    """Specs of the DiT params from the model's logical specs (``svi_jax.models.dit.logical_specs(cfg)``)."""
+    return logical_tree_to_specs(logical, abstract_params, mesh, rules)
 
-    cfg = model_cfg if isinstance(model_cfg, DiTConfig) else DiTConfig.from_dict(model_cfg)
-    return logical_tree_to_specs(logical_specs(cfg), abstract_params, mesh)
+
+def _is_spec(x) -> bool:
+    return isinstance(x, P)
+
+
+def _path_str(path) -> str:
+    parts = []
+    for k in path:
+        if isinstance(k, jax.tree_util.DictKey):
+            parts.append(str(k.key))
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            parts.append(k.name)
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            parts.append(str(k.idx))
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def _flatten(tree) -> dict:
+    """``{'a/b/c': leaf}`` of a nested dict (specs are leaves)."""
+    return {_path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_spec)[0]}
+
+
+def _unflatten(flat: Mapping) -> dict:
+    out: dict = {}
+    for key, value in flat.items():
+        node = out
+        *parents, leaf = key.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
 
 
 def lora_specs(lora_abstract, dit_param_specs):
     """LoRA ``a [L, in, r]`` / ``b [L, r, out]`` follow their kernel's ``[L, in, out]`` sharding (rank unsharded)."""
-    from svi_jax.checkpoint import flatten, unflatten
-
-    kernels = flatten(dit_param_specs)
+    kernels = _flatten(dit_param_specs)
     out = {}
-    for path, a in flatten(lora_abstract).items():
+    for path, a in _flatten(lora_abstract).items():
         mod, leaf = path.rsplit("/", 1)
         if leaf not in ("a", "b"):      # other trained leaves in the collection (SVI-Dance's pose module): small
             out[path] = P()
@@ -186,10 +195,10 @@ def lora_specs(lora_abstract, dit_param_specs):
             out[path] = P(*ks[:-1], None)
         else:
             out[path] = P(*ks[:-2], None, ks[-1])
-    return unflatten(out)
+    return _unflatten(out)
 
 
-def _entry_spec(entry_shape, axes, sizes) -> list:
+def entry_spec(entry_shape, axes, sizes) -> list:
     """Spread mesh ``axes`` over the dims of a latent entry ``[F, H, W, C]`` (channels first, then width, height,
     frames), each axis on the first dim it still divides."""
     parts = [[] for _ in entry_shape]
@@ -207,28 +216,20 @@ def _entry_spec(entry_shape, axes, sizes) -> list:
     return [None if not p else (p[0] if len(p) == 1 else tuple(p)) for p in parts]
 
 
-def bank_specs(banks, mesh, num_grids: Optional[int] = None, latent_ndim: int = 4):
-    """Specs of ``{'noise': Bank, 'latent': Bank}``: per-replica banks (``R x num_grids`` rows, replica-major) are
-    split by replica over ``data`` and each entry over the replica's other devices; one global bank (``num_grids``
-    rows, or ``num_grids`` not given) has its entries split over all devices."""
-    from svi_jax.erft import Bank
-
+def replicated_entries_spec(shape, mesh, replicas: int, latent_ndim: int = 4) -> tuple[P, P]:
+    """``(spec, lead)`` of an array ``[rows, ..., *entry]`` whose rows are ``replicas`` replica-major blocks (an ERFT
+    bank's ``errors [R*G, K, *latent]``): with ``replicas > 1`` the rows are split by replica over ``data`` (where
+    ``data`` divides them) and each entry over the replica's other devices; otherwise every entry over all devices.
+    ``lead`` is the spec of the rows alone (e.g. a per-row counter)."""
     sizes = axis_sizes(mesh)
-
-    def one(bank):
-        rows = bank.errors.shape[0]
-        R = rows // num_grids if num_grids else 1
-        entry = bank.errors.shape[-latent_ndim:]
-        if R > 1:
-            lead = "data" if sizes.get("data", 1) > 1 and R % sizes["data"] == 0 else None
-            axes = [a for a in MESH_AXES if a != "data"]
-        else:
-            lead = None
-            axes = list(MESH_AXES)
-        e = _entry_spec(entry, axes, sizes)
-        return Bank(P(lead, None, *e), P(lead), None if bank.scale is None else P(lead, None))
-
-    return {k: one(b) for k, b in banks.items()}
+    entry = tuple(shape[-latent_ndim:])
+    if replicas > 1:
+        lead = "data" if sizes.get("data", 1) > 1 and replicas % sizes["data"] == 0 else None
+        axes = [a for a in MESH_AXES if a != "data"]
+    else:
+        lead, axes = None, list(MESH_AXES)
+    middle = (None,) * (len(shape) - 1 - len(entry))
+    return P(lead, *middle, *entry_spec(entry, axes, sizes)), P(lead)
 
 
 def batch_specs(batch, mesh):
@@ -236,70 +237,12 @@ def batch_specs(batch, mesh):
     return jax.tree.map(lambda a: fit_spec(P(BATCH_AXES), a.shape, mesh) if a.ndim else P(), batch)
 
 
-def encoder_specs(name: str, cfg, abstract, mesh):
-    """Specs of the frozen encoders from their own logical names (UMT5 't5', CLIP 'clip', Wan VAE 'vae')."""
-    if cfg is None or not jax.tree.leaves(abstract):  # unknown config (or nothing to place): replicate
-        return jax.tree.map(lambda a: P(), abstract)
-    try:
-        if name == "t5":
-            from svi_jax.models.t5 import logical_axes
-            logical = logical_axes(cfg)
-        elif name == "clip":
-            from svi_jax.models.clip import logical_axes
-            logical = logical_axes(cfg)
-        elif name == "vae":
-            from svi_jax.models.vae import param_logical_axes
-            logical = param_logical_axes(cfg)
-        else:
-            raise KeyError(name)
-        return logical_tree_to_specs(logical, abstract, mesh)
-    except Exception as e:  # noqa: BLE001 - unknown encoder: replicate it (they are small next to the DiT)
-        log.info("replicating the %s params (%s)", name, e)
-        return jax.tree.map(lambda a: P(), abstract)
-
-
-def state_specs(config, state, mesh, tx=None, encoder_cfgs: Optional[Mapping[str, Any]] = None):
-    """``PartitionSpec`` of every leaf of the train state (``state`` may be abstract)."""
-    import optax
-
-    if tx is None:      # the optimizer is passed in (svi_jax.train.make_optimizer): sharding imports no trainer
-        raise TypeError("state_specs needs the optimizer (tx) whose state it lays out")
-    specs = {}
-    p = state["params"]
-    pspecs = {"dit": dit_specs(config.model.to_dict(), p["dit"], mesh)}
-    for name in p:
-        if name != "dit":
-            pspecs[name] = encoder_specs(name, (encoder_cfgs or {}).get(name), p[name], mesh)
-    specs["params"] = pspecs
-    if "lora" in state:
-        specs["lora"] = lora_specs(state["lora"], pspecs["dit"])
-        trainable_specs = {"lora": specs["lora"]}
-    else:
-        trainable_specs = {"dit": pspecs["dit"]}
-    specs["opt"] = optax.tree_map_params(tx, lambda _, s: s, state["opt"], trainable_specs,
-                                         transform_non_params=lambda _: P(),
-                                         is_leaf=lambda x: isinstance(x, P))
-    if "banks" in state:
-        specs["banks"] = bank_specs(state["banks"], mesh, int(config.erft.num_grids))
-    for k, v in state.items():
-        if k not in specs:
-            specs[k] = jax.tree.map(lambda _: P(), v)
-    return specs
+def replicated_specs(tree):
+    return jax.tree.map(lambda _: P(), tree)
 
 
 def to_shardings(specs, mesh):
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
-
-
-def state_shardings(config, state, mesh, tx=None, encoder_cfgs=None):
-    return to_shardings(state_specs(config, state, mesh, tx, encoder_cfgs), mesh)
-
-
-def shard_state(state, mesh, config=None, shardings=None, tx=None, encoder_cfgs=None):
-    """Place (or re-place) a train state on ``mesh``; donates nothing, returns the sharded copy."""
-    if shardings is None:
-        shardings = state_shardings(config, state, mesh, tx, encoder_cfgs)
-    return jax.device_put(state, shardings)
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=_is_spec)
 
 
 def abstract(tree, shardings=None):
@@ -326,18 +269,18 @@ def per_device_bytes(tree, shardings) -> int:
 
 
 class MeshJit:
-    """A jitted function that traces and runs under ``jax.set_mesh(mesh)`` and the logical rules table (so the
-    models' ``nn.with_logical_constraint`` and ``shard_map`` attention see the mesh). ``lower`` for AOT."""
+    """The one jit helper: ``fn`` jitted with explicit in/out shardings (and donation), traced and run under
+    ``jax.set_mesh(mesh)`` and the logical rules table (so the models' ``nn.with_logical_constraint`` and
+    ``shard_map`` attention see the mesh). ``lower`` for AOT. The trainer's step (``svi_jax.train.build``), the
+    plan (``svi_jax.plan``) and the sampler (``svi_jax.sample_mesh``) all jit through it."""
 
     def __init__(self, fn: Callable, mesh: Mesh, in_shardings, out_shardings, donate_argnums=(),
                  rules=LOGICAL_RULES):
-        import flax.linen as nn
-
         self.mesh, self.rules = mesh, rules
         self.in_shardings, self.out_shardings = in_shardings, out_shardings
 
         def traced(*args):
-            with nn.logical_axis_rules(rules):
+            with logical_rules(rules):
                 return fn(*args)
 
         self.jitted = jax.jit(traced, in_shardings=in_shardings, out_shardings=out_shardings,
@@ -352,277 +295,14 @@ class MeshJit:
             return self.jitted.lower(*args)
 
 
-def metrics_shardings(step_fn, state, batch, mesh):
-    out = jax.eval_shape(step_fn, state, batch)[1]
-    return jax.tree.map(lambda _: NamedSharding(mesh, P()), out)
-
-
-def jit_train_step(step_fn: Callable, mesh: Mesh, config, state, batch, tx=None, encoder_cfgs=None,
-                   donate: bool = True) -> MeshJit:
-    """``step_fn(state, batch) -> (state, metrics)`` jitted with explicit shardings: state as
-    :func:`state_shardings`, batch split over ``data`` x ``fsdp``, metrics replicated; the state is donated.
-    ``state`` / ``batch`` may be abstract (``jax.ShapeDtypeStruct``s)."""
+def logical_rules(rules=LOGICAL_RULES):
+    """The context in which flax's logical constraints resolve with ``rules``."""
     import flax.linen as nn
 
-    s_sh = state_shardings(config, state, mesh, tx, encoder_cfgs)
-    b_sh = to_shardings(batch_specs(batch, mesh), mesh)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
-        m_sh = metrics_shardings(step_fn, state, batch, mesh)
-    return MeshJit(step_fn, mesh, (s_sh, b_sh), (s_sh, m_sh), donate_argnums=(0,) if donate else ())
+    return nn.logical_axis_rules(rules)
 
 
-class TrainStep:
-    """``step(state, batch)`` jitted with explicit shardings on the first call (the batch structure is known then);
-    batches not yet on the mesh are put there (``device_put``, a no-op for arrays already sharded so)."""
-
-    def __init__(self, step_fn: Callable, mesh: Mesh, config, state_sh, tx=None, encoder_cfgs=None):
-        self.step_fn, self.mesh, self.config, self.tx, self.encoder_cfgs = step_fn, mesh, config, tx, encoder_cfgs
-        self.state_shardings = state_sh
-        self.batch_shardings = None
-        self.jitted: Optional[MeshJit] = None
-
-    def build(self, state, batch) -> MeshJit:
-        import flax.linen as nn
-
-        if self.jitted is None:
-            self.batch_shardings = to_shardings(batch_specs(batch, self.mesh), self.mesh)
-            with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_RULES):
-                m_sh = metrics_shardings(self.step_fn, state, batch, self.mesh)
-            self.jitted = MeshJit(self.step_fn, self.mesh, (self.state_shardings, self.batch_shardings),
-                                  (self.state_shardings, m_sh), donate_argnums=(0,))
-        return self.jitted
-
-    def __call__(self, state, batch):
-        f = self.build(state, batch)
-        return f(state, jax.device_put(batch, self.batch_shardings))
-
-    def lower(self, state, batch):
-        return self.build(state, batch).lower(state, batch)
-
-
-def jit_sampler(sample_fn: Callable, mesh: Mesh, model_cfg, params, *example, lora=None) -> MeshJit:
-    """``sample_fn(params, noise, context, neg_context, clip_fea, y[, lora]) -> latents`` (``svi_jax.sampler.
-    make_sampler(..., jit=False)``) jitted with explicit shardings: DiT params by the rules table, every per-clip
-    input and the output split along the batch over ``data`` x ``fsdp`` (``None`` inputs stay ``None``)."""
-    pspecs = dit_specs(model_cfg, params, mesh)
-    args_specs = [None if a is None else fit_spec(P(BATCH_AXES), a.shape, mesh) for a in example]
-    in_specs = [pspecs, *args_specs]
-    args = list(example)
-    if lora is not None:
-        in_specs.append(lora_specs(lora, pspecs))
-    in_sh = tuple(None if sp is None else to_shardings(sp, mesh) for sp in in_specs)
-    out_sh = NamedSharding(mesh, args_specs[0])
-
-    def fn(params, *rest):
-        if lora is None:
-            return sample_fn(params, *rest)
-        *a, lo = rest
-        return sample_fn(params, *a, lo)
-
-    del args
-    return MeshJit(fn, mesh, in_sh, out_sh)
-
-
-def init_sharded(init_fn: Callable, params, key, mesh: Mesh, config, tx=None, encoder_cfgs=None):
-    """``init_fn(params, key) -> state`` run under ``jit`` with the state's shardings as outputs, so LoRA, optimizer
-    state and banks are created already split over the mesh (never whole on one device). Returns
-    ``(state, state_shardings)``."""
-    abstract_state = jax.eval_shape(init_fn, params, key)
-    sh = state_shardings(config, abstract_state, mesh, tx, encoder_cfgs)
-    params = jax.device_put(params, sh["params"])
-
-    def rest(p, k):  # everything but the (frozen, given) params
-        return {name: v for name, v in init_fn(p, k).items() if name != "params"}
-
-    with jax.set_mesh(mesh):
-        state = jax.jit(rest, out_shardings={k: v for k, v in sh.items() if k != "params"})(params, key)
-    return {"params": params, **state}, sh
-
-
-def encoder_configs(conditioner) -> dict:
-    """The encoder configs of a ``pipeline`` conditioner, for :func:`encoder_specs` (empty for cached latents)."""
-    out = {}
-    for name, attr in (("t5", "t5_cfg"), ("clip", "clip_cfg")):
-        if getattr(conditioner, attr, None) is not None:
-            out[name] = getattr(conditioner, attr)
-    codec = getattr(conditioner, "codec", None)
-    if codec is not None and getattr(codec, "kind", "") == "wan":
-        out["vae"] = codec.cfg
-    return out
-
-
-# ------------------------------------------------------------------------------------------------ banks
-
-
-def bank_mode(config) -> str:
-    mode = config.erft.get("bank_mode", "replica")
-    if mode not in BANK_MODES:
-        raise ValueError(f"config.erft.bank_mode must be one of {BANK_MODES}, got {mode!r}")
-    return mode
-
-
-def num_bank_replicas(config, num_devices: Optional[int] = None) -> int:
-    """``R``: 1 in 'global' mode; in 'replica' mode ``erft.bank_replicas`` or (0) the mesh's ``data`` size."""
-    if bank_mode(config) == "global":
-        return 1
-    r = int(config.erft.get("bank_replicas", 0))
-    if r > 0:
-        return r
-    n = jax.device_count() if num_devices is None else num_devices
-    return mesh_shape(dict(config.mesh), n)["data"]
-
-
-def init_banks(config, latent_shape, num_devices: Optional[int] = None, dtype=None):
-    """Empty banks. ``R > 1`` replicas are stacked replica-major along the grid axis: ``errors [R*G, K, *latent]``,
-    ``count [R*G]`` (each device then holds whole ``[G, K, ...]`` banks of its replicas, no extra axis to squeeze)."""
-    from svi_jax import erft
-
-    R = num_bank_replicas(config, num_devices)
-    banks = erft.init_banks(latent_shape, config.erft.num_grids, config.erft.capacity, dtype)
-    if R == 1:
-        return banks
-    return jax.tree.map(lambda x: jnp.broadcast_to(x, (R,) + x.shape).reshape((R * x.shape[0],) + x.shape[1:]),
-                        banks)
-
-
-def _replicas(banks, cfg) -> int:
-    """``R`` if the banks hold ``R > 1`` replicas (``R * num_grids`` rows), else 0."""
-    G = int(_cfg(cfg, "num_grids"))
-    rows = banks["noise"].errors.shape[0]
-    if rows % G:
-        raise ValueError(f"the banks have {rows} grid rows, not a multiple of num_grids={G}")
-    return rows // G if rows > G else 0
-
-
-def _unstack(banks, R):
-    return jax.tree.map(lambda a: a.reshape((R, a.shape[0] // R) + a.shape[1:]), banks)
-
-
-def _stack(banks):
-    return jax.tree.map(lambda a: a.reshape((a.shape[0] * a.shape[1],) + a.shape[2:]), banks)
-
-
-def _replica_mesh(R: int):
-    """The context mesh if its ``data`` axis holds exactly the ``R`` bank replicas (shard_map path), else None."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh is None or mesh.empty or R < 2:
-        return None
-    return mesh if axis_sizes(mesh).get("data", 1) == R else None
-
-
-def _split(x, R):
-    return None if x is None else x.reshape((R, x.shape[0] // R) + x.shape[1:])
-
-
-def _merge(x):
-    return None if x is None else x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
-
-
-def inject(key, banks, x0, y, eps, t, sigma, cfg):
-    """``erft.inject`` for either bank layout (see the module docstring); same signature and outputs."""
-    from svi_jax import erft
-
-    R = _replicas(banks, cfg)
-    if not R:
-        return erft.inject(key, banks, x0, y, eps, t, sigma, cfg)
-    B = x0.shape[0]
-    if B % R:
-        raise ValueError(f"the batch ({B}) must be a multiple of the number of bank replicas ({R})")
-    keys = jax.random.split(key, R)
-    mesh = _replica_mesh(R)
-    if mesh is not None:
-        d = P("data")
-
-        def body(keys, banks, x0, y, eps, t, sigma):  # this replica's [G, K, ...] banks
-            return erft.inject(keys[0], banks, x0, y, eps, t, sigma, cfg)
-
-        y_spec = None if y is None else d
-        fn = jax.shard_map(body, mesh=mesh, in_specs=(d, d, d, y_spec, d, d, d),
-                           out_specs=(d, d, y_spec, d), axis_names={"data"}, check_vma=False)
-        return fn(keys, banks, x0, y, eps, t, sigma)
-
-    def one(k, b, x0, y, eps, t, sigma):
-        return erft.inject(k, b, x0, y, eps, t, sigma, cfg)
-
-    x_t, target, y_new, info = jax.vmap(one)(keys, _unstack(banks, R), _split(x0, R), _split(y, R), _split(eps, R),
-                                             _split(t, R), _split(sigma, R))
-    return _merge(x_t), _merge(target), _merge(y_new), jax.tree.map(_merge, info)
-
-
-def curate(key, banks, t, sigma, v_pred, target, info, step, cfg):
-    """``erft.curate`` for either bank layout: per replica (its own errors; all replicas' during warm-up), or
-    every error of the batch into the one global bank."""
-    from svi_jax import erft
-
-    R = _replicas(banks, cfg)
-    if not R:
-        return erft.curate(key, banks, t, sigma, v_pred, target, info, step, cfg)
-    keys = jax.random.split(key, R)
-    mesh = _replica_mesh(R)
-    info = {"clean": info["clean"]}
-    if mesh is not None:
-        d = P("data")
-
-        def body(keys, banks, t, sigma, v_pred, target, info, step):  # this replica's [G, K, ...] banks
-            return _curate_gathered(keys[0], banks, t, sigma, v_pred, target, info["clean"], step, cfg, "data", R)
-
-        fn = jax.shard_map(body, mesh=mesh, in_specs=(d, d, d, d, d, d, d, P()), out_specs=d,
-                           axis_names={"data"}, check_vma=False)
-        return fn(keys, banks, t, sigma, v_pred, target, info, step)
-
-    def one(k, b, t, sigma, v_pred, target, info):
-        return erft.curate(k, b, t, sigma, v_pred, target, info, step, cfg, axis_name="bank_replica")
-
-    sp = lambda x: _split(x, R)  # noqa: E731
-    return _stack(jax.vmap(one, axis_name="bank_replica")(keys, _unstack(banks, R), sp(t), sp(sigma), sp(v_pred),
-                                                          sp(target), jax.tree.map(sp, info)))
-
-
-def _cfg(cfg, name):
-    from svi_jax.erft import DEFAULTS
-
-    return cfg.get(name, DEFAULTS[name]) if hasattr(cfg, "get") else getattr(cfg, name, DEFAULTS[name])
-
-
-def _curate_gathered(key, banks, t, sigma, v_pred, target, clean, step, cfg, axis: str, R: int):
-    """``erft.curate(..., axis_name=axis)`` for one replica inside ``shard_map``, as a single insert loop.
-
-    ``erft.curate`` switches between warm-up (insert everyone's errors) and local (own errors) with a
-    ``lax.cond`` whose two branches both update the banks; XLA then copies both banks (2 x 105 GB at full size).
-    Here the errors are always all-gathered and the warm-up switch only changes which of them are ``valid``
-    (after warm-up: this replica's own, in the same order), so the banks are updated in place. Same results
-    (checked against ``erft.curate`` under ``vmap`` in tests/test_sharding.py).
-    """
-    from svi_jax import erft
-
-    B = v_pred.shape[0]
-    e_n, e_x = erft.errors_from_prediction(v_pred, target, sigma)
-    grid = erft.grid_of(t, int(_cfg(cfg, "num_grids")), float(_cfg(cfg, "shift")), int(_cfg(cfg, "grid_offset")),
-                        int(_cfg(cfg, "grid_steps")))
-    gate = ~(jnp.asarray(clean) > 0.5) | (jax.random.uniform(key, (B,)) < _cfg(cfg, "p_insert_clean"))
-    mode = _cfg(cfg, "warmup_gate")
-    if mode not in ("receiver", "source"):
-        raise ValueError(f"warmup_gate must be 'receiver' or 'source', got {mode!r}")
-
-    mesh = jax.sharding.get_abstract_mesh()
-    entry = _entry_spec(v_pred.shape[1:], [a for a in MESH_AXES if a != axis], axis_sizes(mesh))
-
-    def gather(x, dtype=None):
-        x = x if dtype is None else x.astype(dtype)
-        g = jax.lax.all_gather(x, axis)  # [R, B, ...], replica order
-        g = g.reshape((-1,) + g.shape[2:])
-        if g.ndim == 1 + len(entry):
-            # split each error like the bank entries, so the nearest-entry distances stay local (otherwise GSPMD
-            # may gather a whole grid's K entries, 4 GB in f32 at 81x480x832)
-            g = jax.lax.with_sharding_constraint(g, P(None, *entry))
-        return g
-
-    wire = lambda b: b.errors.dtype if jnp.issubdtype(b.errors.dtype, jnp.floating) else jnp.float32  # noqa: E731
-    grids = gather(grid)
-    received = jnp.tile(gate, R)
-    warm_valid = gather(gate) if mode == "source" else received
-    own = (jnp.arange(R * B) // B) == jax.lax.axis_index(axis)
-    warm = jnp.asarray(step) < _cfg(cfg, "warmup_steps")
-    valid = jnp.where(warm, warm_valid, own & received)
-    return {"noise": erft.insert_many(banks["noise"], grids, gather(e_n, wire(banks["noise"])), valid),
-            "latent": erft.insert_many(banks["latent"], grids, gather(e_x, wire(banks["latent"])), valid)}
+def eval_shape_on(mesh: Mesh, fn: Callable, *args, rules=LOGICAL_RULES):
+    """``jax.eval_shape(fn, *args)`` traced as :class:`MeshJit` traces (under ``mesh`` and the rules table)."""
+    with jax.set_mesh(mesh), logical_rules(rules):
+        return jax.eval_shape(fn, *args)

@@ -30,7 +30,7 @@ from svi_jax import flow
 from svi_jax.encoders import make_audio_encoder  # noqa: F401 (API: svi_jax.talk.make_audio_encoder)
 from svi_jax.data.audio import AUDIO_WINDOW, FPS, VAE_SCALE, audio_windows, frame_windows, split_windows  # noqa: F401
 from svi_jax.long_video import ChainState, LongVideoSampler
-from svi_jax.sampler import _batch, _pad_len, euler_sigmas, integrate, unipc_sigmas
+from svi_jax.denoise import _batch, _pad_len, euler_sigmas, integrate, unipc_sigmas
 
 log = logging.getLogger("svi_jax.talk")
 

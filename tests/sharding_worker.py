@@ -75,8 +75,7 @@ def setup(R, attention_impl="auto"):
     params = {"dit": randomized(init_params(DiTConfig.from_dict(c.model.to_dict()), jax.random.key(1)), 1)}
     state = train.init_state(c, params, jax.random.key(2))
     # make B (the LoRA up-projection) nonzero so the LoRA path matters, and pre-fill the banks
-    state["lora"] = jax.tree.map(lambda a: a + 0.01 * jax.random.normal(jax.random.key(a.size), a.shape),
-                                 state["lora"])
+    lora = jax.tree.map(lambda a: a + 0.01 * jax.random.normal(jax.random.key(a.size), a.shape), state["lora"])
     rng = np.random.default_rng(0)
     banks = {}
     for name, bank in state["banks"].items():
@@ -84,7 +83,7 @@ def setup(R, attention_impl="auto"):
         count = rng.integers(0, bank.capacity + 1, size=bank.count.shape).astype(np.int32)
         count.reshape(-1, 50)[:, :25] = bank.capacity  # per replica, the high-noise half full: replacements
         banks[name] = bank._replace(errors=jnp.asarray(errors), count=jnp.asarray(count))
-    state["banks"] = banks
+    state = state.replace(trainable={"lora": lora}, banks=banks)
     F, H, W, C = train.latent_shape(c)
     k = jax.random.split(jax.random.key(3), 4)
     batch = {"latents": jax.random.normal(k[0], (B, F, H, W, C)),
@@ -136,8 +135,8 @@ def check_train():
         if R not in refs:  # the same program on one device (vmap over the bank replicas)
             refs[R] = two_steps(jax.jit(step), state, batch)
         mesh = sharding.make_mesh(mesh_cfg)
-        f = sharding.jit_train_step(step, mesh, c, state, batch, tx)
-        st = sharding.shard_state(state, mesh, c, tx=tx)
+        f = train.TrainStep(step, mesh, train.state_shardings(c, state, mesh, tx))
+        st = jax.device_put(state, f.state_shardings)
         bt = jax.device_put(batch, sharding.to_shardings(sharding.batch_specs(batch, mesh), mesh))
         # the state really is distributed as the rules say
         bank = st["banks"]["noise"].errors
@@ -155,7 +154,7 @@ def check_sample():
     """The flow-matching sampler (CFG, 3 Euler steps) on a data x fsdp x context mesh (ulysses attention, weights
     FSDP-sharded) gives the same latents as on one device (the VAE decode after it is a deterministic function of
     the latents, so the same latents are the same video)."""
-    from svi_jax import sampler
+    from svi_jax import denoise as sampler, sample_mesh
 
     c = tiny.get_config()
     c.model.update(num_layers=2, dim=32, num_heads=4, ffn_dim=64, in_dim=36, out_dim=16)
@@ -168,16 +167,40 @@ def check_sample():
     want = sampler.make_sampler(cfg, num_steps=3, cfg_scale=5.0)(params, noise, ctx, neg, clip, y)
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "context": 2})
     cfg_u = DiTConfig.from_dict(dict(c.model.to_dict(), attention="ulysses"))
-    fn = sharding.jit_sampler(sampler.make_sampler(cfg_u, num_steps=3, cfg_scale=5.0, jit=False), mesh, cfg_u,
-                              params, noise, ctx, neg, clip, y)
+    fn = sample_mesh.MeshSampler(sampler.make_sampler(cfg_u, num_steps=3, cfg_scale=5.0, jit=False), mesh, cfg_u,
+                                 params)
     got = fn(params, noise, ctx, neg, clip, y)
     assert got.sharding.spec[0] == ("data", "fsdp"), got.sharding
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=5e-5, rtol=1e-4)
     print("OK sample", flush=True)
 
 
+def check_rules():
+    """``config.sharding.rules`` is the table the trainer's state and step use: with 'embed' unsharded, the DiT's
+    width-sharded kernels are replicated over fsdp in ``train.build``'s abstract state and the step carries it."""
+    from svi_jax.train.builder import build
+
+    def kernel_specs(rules=None):
+        c = tiny.get_config()
+        c.model.update(num_layers=2, dim=32, num_heads=4, ffn_dim=64, in_dim=36, out_dim=16)
+        if rules is not None:
+            c.sharding.rules = rules
+        built = build(c, sharding.make_mesh({"fsdp": 8}), abstract=True)
+        ffn = built.shardings.frozen["dit"]["blocks"]["ffn"]["0"]["kernel"].spec
+        return ffn, built.step.rules
+
+    ffn, rules = kernel_specs()
+    assert "fsdp" in str(ffn) and rules == sharding.LOGICAL_RULES, (ffn, rules)
+    custom = tuple((n, None if n == "embed" else t) for n, t in sharding.LOGICAL_RULES)
+    ffn2, rules2 = kernel_specs(custom)
+    assert "fsdp" not in str(ffn2) and rules2 == custom, (ffn2, rules2)
+    print("OK rules", flush=True)
+
+
 def main():
-    which = sys.argv[1:] or ["attention", "sample", "train"]
+    which = sys.argv[1:] or ["attention", "sample", "train", "rules"]
+    if "rules" in which:
+        check_rules()
     if "attention" in which:
         check_attention()
     if "sample" in which:

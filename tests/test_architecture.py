@@ -13,11 +13,6 @@ import pytest
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "svi_jax")
 MAX_LINES = 600
-# Still to split by issue 16 (train.py -> a train/ package, ERFT's bank layout out of sharding.py). A ratchet:
-# a file leaves this list when it is fixed (the tests below fail while an entry is stale) and nothing joins it.
-PENDING_LONG = {"svi_jax.train", "svi_jax.sharding"}
-PENDING_SHARDING_IMPORTS = {"svi_jax.checkpoint", "svi_jax.erft", "svi_jax.models.clip", "svi_jax.models.dit",
-                            "svi_jax.models.t5", "svi_jax.models.vae"}
 
 
 def _modules() -> dict[str, str]:
@@ -133,17 +128,10 @@ def test_dependencies_point_down(low, forbidden):
         for dep in graph[mod]:
             if any(_in(dep, f) for f in forbidden) and not _in(dep, low):
                 bad.append(f"{mod} -> {dep}")
-    if low == "svi_jax.sharding":
-        pending = {b.split(" -> ")[1] for b in bad}
-        assert pending <= PENDING_SHARDING_IMPORTS, f"sharding imports more of svi_jax: {sorted(pending)}"
-        assert pending == PENDING_SHARDING_IMPORTS, f"stale PENDING_SHARDING_IMPORTS: {sorted(PENDING_SHARDING_IMPORTS - pending)}"
-        return
     assert not bad, f"{low} must not import {forbidden}: " + ", ".join(sorted(bad))
 
 
 def test_files_stay_short():
     long = sorted((sum(1 for _ in open(p)), m) for m, p in _modules().items())
     over = {m: n for n, m in long if n > MAX_LINES}
-    new = {m: n for m, n in over.items() if m not in PENDING_LONG}
-    assert not new, f"files over {MAX_LINES} lines: " + ", ".join(f"{m} ({n} lines)" for m, n in new.items())
-    assert set(over) == PENDING_LONG, f"stale PENDING_LONG (now short): {sorted(PENDING_LONG - set(over))}"
+    assert not over, f"files over {MAX_LINES} lines: " + ", ".join(f"{m} ({n} lines)" for m, n in over.items())

@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 import jax.numpy as jnp  # noqa: E402
 
 import svi_jax  # noqa: E402
-from svi_jax.checkpoint import flatten  # noqa: E402
+from svi_jax.model_dirs import flatten  # noqa: E402
 from svi_jax.convert.common import ConversionError  # noqa: E402
 from transformers.image_utils import OPENAI_CLIP_MEAN as OPENAI_MEAN  # noqa: E402  (the reference's, not ours)
 from transformers.image_utils import OPENAI_CLIP_STD as OPENAI_STD  # noqa: E402

@@ -123,7 +123,7 @@ def _sampler(env, **kw):
 def test_pose_is_kept_in_the_unconditional_pass(env):
     """The sampler's CFG vs the official two-pass loop with ``add_condition`` in both passes (cond_wo_pose)."""
     from svi_jax.models.dit import WanDiT
-    from svi_jax.sampler import reference_sample
+    from svi_jax.denoise import reference_sample
 
     s, stream = _sampler(env)
     ref_img = S.load_image(str(env["dir"] / "ref.png"), H, W)

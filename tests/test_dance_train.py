@@ -13,7 +13,7 @@ import pytest
 
 from svi_jax import dance_train
 from svi_jax import train as train_lib
-from svi_jax.checkpoint import flatten
+from svi_jax.model_dirs import flatten
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from svi_jax.checkpoint import CheckpointError, flatten, unflatten  # noqa: E402
+from svi_jax.model_dirs import CheckpointError, flatten, unflatten  # noqa: E402
 from svi_jax.convert.common import ConversionError  # noqa: E402
 from svi_jax.convert.dit import convert, diffusers_to_official  # noqa: E402
 from svi_jax.models.dit import DiT, DiTConfig, init_params  # noqa: E402

@@ -9,7 +9,7 @@ import pytest
 from scipy import stats
 
 from svi_jax import erft
-from svi_jax.erft import Bank, grid_of, init_bank, insert, insert_many, sample, sample_pooled
+from svi_jax.erft import Bank, draw, draw_pooled, grid_of, init_bank, insert, insert_many
 
 SHAPE = (2, 3, 4)
 
@@ -154,13 +154,13 @@ def test_sample_uniform_over_grid_and_empty_flag(dtype):
     bank = _filled([3, 7, 0, 2], dtype)
     draws = 7000
     keys = jax.random.split(jax.random.key(0), draws)
-    e, ok = jax.jit(jax.vmap(sample, in_axes=(None, 0, None)))(bank, keys, 1)
+    e, ok = jax.jit(jax.vmap(draw, in_axes=(None, 0, None)))(bank, keys, 1)
     assert bool(jnp.all(ok))
     vals = np.asarray(e)
     assert np.all(vals == vals[:, :1, :1, :1])  # whole entries, never mixed
     assert _chi2_uniform(vals[:, 0, 0, 0], np.arange(4.0, 11.0)) > 1e-3
 
-    e, ok = jax.jit(sample)(bank, jax.random.key(1), 2)
+    e, ok = jax.jit(draw)(bank, jax.random.key(1), 2)
     assert not bool(ok) and float(jnp.abs(e).max()) == 0.0 and e.dtype == jnp.float32
 
 
@@ -169,11 +169,11 @@ def test_sample_pooled_uniform_over_all_entries(dtype):
     bank = _filled([3, 0, 5, 1], dtype)
     draws = 9000
     keys = jax.random.split(jax.random.key(2), draws)
-    e, ok = jax.jit(jax.vmap(sample_pooled, in_axes=(None, 0)))(bank, keys)
+    e, ok = jax.jit(jax.vmap(draw_pooled, in_axes=(None, 0)))(bank, keys)
     assert bool(jnp.all(ok))
     assert _chi2_uniform(np.asarray(e)[:, 0, 0, 0], np.arange(1.0, 10.0)) > 1e-3
 
-    e, ok = jax.jit(sample_pooled)(init_bank(4, 3, SHAPE), jax.random.key(3))
+    e, ok = jax.jit(draw_pooled)(init_bank(4, 3, SHAPE), jax.random.key(3))
     assert not bool(ok) and float(jnp.abs(e).max()) == 0.0
 
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from svi_jax.sampler import euler_sigmas, integrate
+from svi_jax.denoise import euler_sigmas, integrate
 
 
 def lightx2v_sigmas(denoising_step_list, shift):

@@ -1,4 +1,4 @@
-"""Flow matching against the official formulas written here, not shared with svi_jax.flow / svi_jax.sampler.
+"""Flow matching against the official formulas written here, not shared with svi_jax.flow / svi_jax.denoise.
 
 The reference is a transcription of DiffSynth's ``FlowMatchScheduler`` as SVI ships it
 (vita-epfl/Stable-Video-Infinity ``diffsynth/schedulers/flow_match.py``, ``set_timesteps`` lines 31-49, ``step``
@@ -95,7 +95,7 @@ def _setup(batch_size=3):
     dcfg = DiTConfig.from_dict(c.model.to_dict())
     params = {"dit": _random_tree(jax.eval_shape(lambda: init_params(dcfg, jax.random.key(0))), 1)}
     state = jax.jit(lambda p, k: T.init_state(c, p, k))(params, jax.random.key(2))
-    state["lora"] = _random_tree(state["lora"], 3)
+    state = state.replace(trainable={"lora": _random_tree(state["lora"], 3)})
     r = np.random.RandomState(0)
     batch = {"x0": r.randn(batch_size, 2, 4, 4, 4).astype(np.float32),
              "y": r.randn(batch_size, 2, 4, 4, 8).astype(np.float32),
@@ -137,7 +137,7 @@ def test_training_timestep_ids_are_uniform_over_the_1000():
     keys = jax.random.split(jax.random.key(7), 400)
 
     def t_of(k):
-        return step(dict(state, rng=k), one)[1]["t_mean"]
+        return step(state.replace(rng=k), one)[1]["t_mean"]
 
     ts = np.asarray(jax.jit(jax.vmap(t_of))(keys))
     table = OfficialFlowMatch().set_timesteps(1000, training=True).timesteps.numpy()
@@ -160,7 +160,7 @@ def official_euler_grid(n, shift=5.0):
 def test_euler_grid_written_here_is_the_official_scheduler_loop():
     """The grid the sampler tests use (written above) drives the same loop as ``scheduler.step`` over
     ``scheduler.timesteps``, and the sampler's grid is it."""
-    from svi_jax.sampler import euler_sigmas
+    from svi_jax.denoise import euler_sigmas
 
     r = np.random.RandomState(1)
     w = torch.from_numpy(r.randn(4, 4).astype(np.float32) * 0.3)

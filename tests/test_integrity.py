@@ -12,7 +12,7 @@ import pytest
 from configs import tiny
 from svi_jax import integrity
 from svi_jax import train as train_lib
-from svi_jax.checkpoint import CheckpointError, flatten
+from svi_jax.model_dirs import CheckpointError, flatten
 
 
 @pytest.fixture(scope="module")

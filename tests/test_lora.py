@@ -10,7 +10,7 @@ import pytest
 
 import svi_jax
 from svi_jax import lora as L
-from svi_jax.checkpoint import flatten
+from svi_jax.model_dirs import flatten
 from svi_jax.models.dit import DiTConfig, WanDiT, init_params
 from tests.torch_ref import max_rel_err
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from svi_jax import lora_formats as F
-from svi_jax.checkpoint import flatten
+from svi_jax.model_dirs import flatten
 from svi_jax.lora import LoRAError
 from svi_jax.models.dit import DiTConfig, init_params
 

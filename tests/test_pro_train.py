@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from svi_jax import erft, flow
-from svi_jax.data import sampling
+from svi_jax.data import windows
 from svi_jax.pro_train import expert_grids, split_index, timestep_id_range
 
 B875 = np.float32(875.0)
@@ -82,15 +82,15 @@ def test_anchor_is_drawn_outside_the_clip():
     for _ in range(300):
         total, stride, num_real = int(rng.integers(20, 60)), int(rng.integers(1, 3)), 9
         start = int(rng.integers(0, total - stride * (num_real - 1)))
-        a = sampling.outside_frame(total, start, stride, num_real, rng)
+        a = windows.outside_frame(total, start, stride, num_real, rng)
         assert 0 <= a < total and not start <= a <= start + stride * (num_real - 1)
-    assert sampling.outside_frame(9, 0, 1, 9, rng) in range(9)         # nothing outside: a frame of the window
+    assert windows.outside_frame(9, 0, 1, 9, rng) in range(9)         # nothing outside: a frame of the window
     from svi_jax.data.config import default_config
 
     d = default_config(num_frames=9, height=8, width=8)
-    plain = sampling.plan_clip(40, 16, 16, d, np.random.default_rng(5))
+    plain = windows.plan_clip(40, 16, 16, d, np.random.default_rng(5))
     d.anchor = "outside"
-    pro = sampling.plan_clip(40, 16, 16, d, np.random.default_rng(5))
+    pro = windows.plan_clip(40, 16, 16, d, np.random.default_rng(5))
     assert pro.anchor >= 0 and pro.start == plain.start and pro.crop == plain.crop and pro.pad_frame == plain.pad_frame
 
 

@@ -23,7 +23,7 @@ import pytest
 from svi_jax import sample as S
 from svi_jax import video_io
 from svi_jax.conditioning import i2v_mask
-from svi_jax.sampler import integrate, make_sampler, unipc_sigmas
+from svi_jax.denoise import integrate, make_sampler, unipc_sigmas
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAUSE = os.path.join(ROOT, "tests", "sample_pause.py")    # the CLI pausing at CLIP:STEP (the test-only hook)
@@ -187,7 +187,7 @@ def _apply(s, x, t, ctx, clip, y):
 
 def test_merged_lora_equals_unmerged(env):
     from svi_jax import lora as lora_lib
-    from svi_jax.checkpoint import flatten, unflatten
+    from svi_jax.model_dirs import flatten, unflatten
 
     s = env["shot"]
     noise, ctx, neg, clip, y = _inputs(env)

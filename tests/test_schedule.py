@@ -97,7 +97,7 @@ def test_errors_name_the_line_and_field(text, source, line, field, msg, tmp_path
 
 def _lora_file(env, path):
     from svi_jax import lora as lora_lib
-    from svi_jax.checkpoint import flatten, unflatten
+    from svi_jax.model_dirs import flatten, unflatten
 
     s = env["shot"]
     fl = flatten(lora_lib.init_lora(s.params, jax.random.key(5), rank=4))

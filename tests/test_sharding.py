@@ -34,12 +34,13 @@ def _env(devices: int):
 
 
 def test_eight_fake_devices():
-    """Attention (ulysses/ring == plain, with gradients), sampling and one ERFT train step on 4 meshes == 1 device."""
+    """config.sharding.rules drives the trainer's shardings; attention (ulysses/ring == plain, with gradients),
+    sampling and one ERFT train step on 4 meshes == 1 device."""
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "sharding_worker.py")], env=_env(8),
                           capture_output=True, text=True, timeout=900, cwd=str(ROOT))
     out = proc.stdout
     assert proc.returncode == 0, out[-3000:] + proc.stderr[-5000:]
-    for check in ("OK attention", "OK sample", "OK train {'data': 8}", "OK train {'data': 2, 'fsdp': 4}",
+    for check in ("OK rules", "OK attention", "OK sample", "OK train {'data': 8}", "OK train {'data': 2, 'fsdp': 4}",
                   "OK train {'data': 2, 'fsdp': 2, 'context': 2}", "OK train {'data': 2, 'context': 2, 'tensor': 2}"):
         assert check in out, out[-3000:]
 
@@ -112,13 +113,14 @@ def test_rules_table_places_dit_encoder_and_activation_axes():
 
 def test_bank_specs_split_entries_within_a_replica_or_over_all_devices():
     from svi_jax import erft
+    from svi_jax.erft import sharded
 
     m = _FakeMesh(data=8, fsdp=8)
     one = jax.eval_shape(lambda: erft.init_banks((21, 60, 104, 16), 50, 500))
     rep = jax.tree.map(lambda a: jax.ShapeDtypeStruct((8 * a.shape[0],) + a.shape[1:], a.dtype), one)
-    s = sharding.bank_specs(rep, m, num_grids=50)["noise"]  # 8 replicas x 50 grids, replica-major
+    s = sharded.bank_specs(rep, m, num_grids=50)["noise"]  # 8 replicas x 50 grids, replica-major
     assert s.errors == P("data", None, None, None, None, "fsdp") and s.count == P("data")
-    g = sharding.bank_specs(one, m, num_grids=50)["latent"]  # global: data on channels (16/8), fsdp on width
+    g = sharded.bank_specs(one, m, num_grids=50)["latent"]  # global: data on channels (16/8), fsdp on width
     assert g.errors == P(None, None, None, None, "fsdp", "data")
 
 
@@ -127,17 +129,18 @@ def test_replica_banks_vmap_path_matches_per_replica_erft(monkeypatch):
     import ml_collections
 
     from svi_jax import erft
+    from svi_jax.erft import sharded
 
     cfg = ml_collections.ConfigDict(dict(erft=dict(bank_mode="replica", bank_replicas=2, num_grids=50, capacity=3),
                                          mesh=dict(data=1)))
-    banks = sharding.init_banks(cfg, (2, 2, 2, 4), dtype=jnp.float32)
+    banks = sharded.init_banks(cfg, (2, 2, 2, 4), dtype=jnp.float32)
     assert banks["noise"].errors.shape == (100, 3, 2, 2, 2, 4)  # replica-major [R * G, K, ...]
     ecfg = erft.erft_config(p_insert_clean=1.0, warmup_steps=0, num_grids=50)
     k = jax.random.split(jax.random.key(0), 3)
     v, tg = jax.random.normal(k[0], (4, 2, 2, 2, 4)), jax.random.normal(k[1], (4, 2, 2, 2, 4))
     t = jnp.array([999.0, 500.0, 999.0, 10.0])
     sigma = t / 1000
-    out = sharding.curate(k[2], banks, t, sigma, v, tg, {"clean": jnp.zeros(4)}, jnp.int32(5), ecfg)
+    out = sharded.curate(k[2], banks, t, sigma, v, tg, {"clean": jnp.zeros(4)}, jnp.int32(5), ecfg)
     keys = jax.random.split(k[2], 2)
     for r in range(2):
         rows = lambda tree: jax.tree.map(lambda a: a[50 * r:50 * (r + 1)], tree)  # noqa: E731
@@ -167,3 +170,24 @@ def test_multiprocess_environment_detection():
     assert distributed.is_multiprocess_env({"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"})
     info = distributed.initialize()  # single process here: a no-op
     assert info["process_count"] == 1
+
+
+def test_sharding_imports_nothing_from_svi_jax_and_erft_no_data_or_train():
+    """The layering rules: sharding knows meshes only; erft never imports the data or the trainer (function-level
+    imports included)."""
+    import ast
+
+    def imports(path):
+        out = set()
+        for n in ast.walk(ast.parse(path.read_text())):
+            if isinstance(n, ast.Import):
+                out |= {a.name for a in n.names}
+            elif isinstance(n, ast.ImportFrom):
+                out.add(("." * n.level) + (n.module or ""))
+        return out
+
+    pkg = ROOT / "svi_jax"
+    assert not {m for m in imports(pkg / "sharding.py") if m.startswith(("svi_jax", "."))}
+    for f in (pkg / "erft").glob("*.py"):
+        bad = {m for m in imports(f) if m.startswith(("svi_jax.data", "svi_jax.train", "svi_jax.pipeline"))}
+        assert not bad, (f.name, bad)

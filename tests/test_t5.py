@@ -16,7 +16,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import svi_jax  # noqa: E402
-from svi_jax.checkpoint import flatten  # noqa: E402
+from svi_jax.model_dirs import flatten  # noqa: E402
 from svi_jax.convert.common import ConversionError  # noqa: E402
 from svi_jax.models.t5 import T5Encoder, relative_position_buckets  # noqa: E402
 from svi_jax.models.tokenizer import Tokenizer, clean_text  # noqa: E402

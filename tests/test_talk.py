@@ -79,7 +79,7 @@ def test_three_pass_guidance_matches_official_formula():
     from configs import talk_tiny
     from svi_jax.models.dit import DiTConfig, WanDiT, init_params
     from svi_jax.models.audio import audio_input_shapes
-    from svi_jax.sampler import euler_sigmas
+    from svi_jax.denoise import euler_sigmas
 
     cfg = DiTConfig.from_dict(talk_tiny.get_config().model.to_dict())
     params = init_params(cfg, jax.random.key(0))

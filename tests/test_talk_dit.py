@@ -198,8 +198,8 @@ def test_audio_modules_alone_match(talk_ref, tmp_path):
     xs = np.random.RandomState(3).randn(1, 4 * 6, ours.config.dim).astype(np.float32)
     with torch.no_grad():
         ref = blk.audio_cross_attn(torch.from_numpy(xs), torch.from_numpy(ref_tok[0]), (4, 2, 3)).numpy()
-    p1 = {k: v[1] for k, v in svi_jax.checkpoint.flatten(ours.params["blocks"]["audio_cross_attn"]).items()}
-    out = JAttn(ours.config).apply({"params": svi_jax.checkpoint.unflatten(p1)}, jnp.asarray(xs), jnp.asarray(tok))
+    p1 = {k: v[1] for k, v in svi_jax.model_dirs.flatten(ours.params["blocks"]["audio_cross_attn"]).items()}
+    out = JAttn(ours.config).apply({"params": svi_jax.model_dirs.unflatten(p1)}, jnp.asarray(xs), jnp.asarray(tok))
     assert max_rel_err(out, ref) <= TOL
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from configs import talk_tiny
 from svi_jax import talk
-from svi_jax.checkpoint import flatten
+from svi_jax.model_dirs import flatten
 
 
 def _wav(path, seconds, amp=0.3, sr=16000):

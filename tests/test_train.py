@@ -15,7 +15,7 @@ import pytest
 
 from configs import tiny
 from svi_jax import train as train_lib
-from svi_jax.checkpoint import flatten
+from svi_jax.model_dirs import flatten
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -133,7 +133,7 @@ def test_loss_decreases_on_a_fixed_batch(dataset, tmp_path):
     state = t.state
     for _ in range(30):
         # same timestep and noise every step (a fresh buffer each time: the step donates its state)
-        state = dict(state, rng=jax.random.wrap_key_data(jnp.asarray(key_data)))
+        state = state.replace(rng=jax.random.wrap_key_data(jnp.asarray(key_data)))
         state, m = t.step_fn(state, batch)
         losses.append(float(m["loss"]))
     t.close()
@@ -244,3 +244,22 @@ def test_cli_rejects_bad_override(dataset, tmp_path):
     r = subprocess.run(_cli(str(tmp_path / "x"), dataset, "--config.optim.lrr=1"), env=env, capture_output=True,
                        text=True, cwd=ROOT)
     assert r.returncode != 0 and "lrr" in r.stderr
+
+
+def test_checkpoint_is_everything_but_the_frozen_part():
+    """The typed state saves the tree the trainer has always written (old run directories resume unchanged):
+    ``{lora | dit, opt, banks, rng, step, nonfinite_run, nonfinite_total}``; the frozen params never."""
+    from svi_jax.models.dit import DiTConfig, param_shapes
+
+    for trainable, erft in (("lora", True), ("full", False)):
+        c = tiny.get_config()
+        c.train.trainable, c.erft.enabled = trainable, erft
+        params = {"dit": param_shapes(DiTConfig.from_dict(c.model.to_dict()))}
+        state = jax.eval_shape(lambda p, k: train_lib.init_state(c, p, k), params, jax.random.key(0))
+        saved = state.checkpoint()
+        want = {"rng", "step", "nonfinite_run", "nonfinite_total", "opt"} | ({"lora", "banks"} if erft else {"dit"})
+        assert set(saved) == want and state.full == (trainable == "full")
+        assert "dit" in state.params and ("dit" in state.frozen) == (trainable == "lora")
+        back = state.with_checkpoint(saved)
+        assert jax.tree.structure(back) == jax.tree.structure(state)
+        assert ("lora" in state) == (trainable == "lora") and ("banks" in state) == erft

@@ -18,7 +18,7 @@ diffusers = pytest.importorskip("diffusers")
 import jax  # noqa: E402
 
 import svi_jax  # noqa: E402
-from svi_jax.checkpoint import CheckpointError, flatten  # noqa: E402
+from svi_jax.model_dirs import CheckpointError, flatten  # noqa: E402
 from svi_jax.convert import vae as conv  # noqa: E402
 from svi_jax.convert.common import ConversionError  # noqa: E402
 from svi_jax.models.vae import VAE, VAEConfig, encode_video, param_logical_axes, param_shapes  # noqa: E402

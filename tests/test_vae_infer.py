@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from svi_jax.checkpoint import flatten  # noqa: E402
+from svi_jax.model_dirs import flatten  # noqa: E402
 from svi_jax.convert import vae as conv  # noqa: E402
 from svi_jax.convert.common import ConversionError  # noqa: E402
 from svi_jax.models.vae import VAEConfig, param_shapes  # noqa: E402

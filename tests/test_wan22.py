@@ -17,7 +17,7 @@ from svi_jax import flow  # noqa: E402
 from svi_jax.convert.common import ConversionError  # noqa: E402
 from svi_jax.convert import wan22  # noqa: E402
 from svi_jax.models.experts import DiTExperts  # noqa: E402
-from svi_jax.sampler_experts import high_steps, make_expert_sampler, timestep_grid  # noqa: E402
+from svi_jax.denoise_experts import high_steps, make_expert_sampler, timestep_grid  # noqa: E402
 from tests.test_dit import _write_official  # noqa: E402
 from tests.torch_ref import max_rel_err, tiny_wan_diffusers  # noqa: E402
 
@@ -149,7 +149,7 @@ def test_architecture_check_names_the_field(pair):
     differs from the converted experts in any architecture field is refused, naming it."""
     import ml_collections
 
-    from svi_jax.checkpoint import CheckpointError, read_meta
+    from svi_jax.model_dirs import CheckpointError, read_meta
     from svi_jax.models.dit import DiT, DiTConfig
     from svi_jax.pro import load_experts
 

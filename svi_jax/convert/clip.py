@@ -160,7 +160,7 @@ def infer_config(src: TensorSource, layout: str, prefix: str, num_heads: int | N
 
 def convert(src_path: str, dtype: str = "auto", num_heads: int | None = None):
     """-> ``(config dict, flat params {path: np.ndarray})``."""
-    from svi_jax.checkpoint import flatten
+    from svi_jax.model_dirs import flatten
     from svi_jax.models.clip import CLIPConfig, param_shapes
 
     src = TensorSource(src_path)
@@ -191,7 +191,7 @@ def convert(src_path: str, dtype: str = "auto", num_heads: int | None = None):
 
 
 def run(args) -> str:
-    from svi_jax.checkpoint import save_model, unflatten
+    from svi_jax.model_dirs import save_model, unflatten
 
     config, arrays = convert(args.src, args.dtype, args.num_heads)
     out = save_model(args.dst, "clip", config, unflatten(arrays))

@@ -131,7 +131,7 @@ def _lora_kernel_shapes(lora_sd: dict) -> dict:
     when no model is at hand."""
     import jax
 
-    from svi_jax.checkpoint import unflatten
+    from svi_jax.model_dirs import unflatten
 
     mods: dict[str, dict] = {}
     for k, v in lora_sd.items():
@@ -173,7 +173,7 @@ def load_adapter(path: str, dit_params=None) -> tuple[dict, dict, dict]:
     if os.path.isdir(path):
         import orbax.checkpoint as ocp
 
-        from svi_jax.checkpoint import read_meta
+        from svi_jax.model_dirs import read_meta
 
         meta = read_meta(path)
         if meta["kind"] != KIND:
@@ -201,7 +201,7 @@ def load_adapter(path: str, dit_params=None) -> tuple[dict, dict, dict]:
 
 
 def save_adapter(directory: str, lora, pose, info: dict | None = None) -> str:
-    from svi_jax.checkpoint import save_model
+    from svi_jax.model_dirs import save_model
 
     return save_model(directory, KIND, dict(info or {}), {"lora": lora, "dwpose_embedding": pose})
 

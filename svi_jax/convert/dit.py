@@ -165,7 +165,7 @@ def convert(src_path: str, dst: str, dtype: str | None = None, num_heads: int | 
     """Convert and write ``dst``; returns a summary (layout, config, peak RSS)."""
     import jax
 
-    from svi_jax.checkpoint import flatten, save_model, unflatten
+    from svi_jax.model_dirs import flatten, save_model, unflatten
     from svi_jax.models.dit import DiTConfig, param_shapes
 
     src = TensorSource(src_path, strip_prefixes=_STRIP_PREFIXES)
@@ -219,7 +219,7 @@ def export_official(src_dir: str, dst_file: str) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    from svi_jax.checkpoint import flatten
+    from svi_jax.model_dirs import flatten
     from svi_jax.models.dit import DiT
 
     model = DiT.from_dir(src_dir)

@@ -128,7 +128,7 @@ def _source_is_bf16(src: TensorSource, key: str) -> bool:
 def convert(src_path: str, dtype: str = "auto", text_len: int = 512, max_distance: int | None = None):
     """-> ``(config dict, flat params {path: np.ndarray})``."""
     from svi_jax.models.t5 import T5Config, param_shapes
-    from svi_jax.checkpoint import flatten
+    from svi_jax.model_dirs import flatten
 
     src = TensorSource(src_path)
     layout = detect_layout(src)
@@ -165,7 +165,7 @@ def convert(src_path: str, dtype: str = "auto", text_len: int = 512, max_distanc
 
 
 def run(args) -> str:
-    from svi_jax.checkpoint import save_model, unflatten
+    from svi_jax.model_dirs import save_model, unflatten
     from svi_jax.models.tokenizer import Tokenizer, TokenizerError, copy_tokenizer
 
     if args.tokenizer is not None:  # fail before a long conversion

@@ -29,7 +29,7 @@ STRIP_PREFIXES = ("module.", "model.", "vae.")
 # ------------------------------------------------------------------------------------------------ key maps
 
 def _flat_shapes(cfg) -> dict[str, tuple[int, ...]]:
-    from svi_jax.checkpoint import flatten
+    from svi_jax.model_dirs import flatten
     from svi_jax.models.vae import param_shapes
 
     return {k: tuple(v.shape) for k, v in flatten(param_shapes(cfg)).items()}
@@ -254,7 +254,7 @@ def resolve_config(src: TensorSource, layout: str, config: dict | str | None = N
 def convert(src_path: str, config: dict | str | None = None, dtype=None, show_progress: bool = True):
     """Read a PyTorch VAE checkpoint -> ``(VAEConfig, params)`` (nested dict of numpy arrays) in ``dtype``
     (``None`` / ``"auto"``: bfloat16 for a half-precision source, else float32)."""
-    from svi_jax.checkpoint import unflatten
+    from svi_jax.model_dirs import unflatten
 
     src = TensorSource(src_path, strip_prefixes=STRIP_PREFIXES)
     layout = detect_layout(src.keys())
@@ -309,7 +309,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> None:
-    from svi_jax.checkpoint import save_model
+    from svi_jax.model_dirs import save_model
 
     t0 = time.time()
     cfg, params, layout = convert(args.src, config=args.config, dtype=args.dtype)

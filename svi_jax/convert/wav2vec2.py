@@ -107,7 +107,7 @@ def _to_ours(a: np.ndarray, how: str) -> np.ndarray:
 
 
 def convert(src_path: str, dst: str, dtype: str | None = None) -> dict:
-    from svi_jax.checkpoint import flatten, save_model, unflatten
+    from svi_jax.model_dirs import flatten, save_model, unflatten
     from svi_jax.models.wav2vec2 import KIND, Wav2Vec2Config, param_shapes
 
     cfg_d = read_config(src_path)

@@ -19,7 +19,7 @@ from typing import Any, Optional
 import numpy as np
 
 from svi_jax.data import config as config_lib
-from svi_jax.data import sampling
+from svi_jax.data import windows
 from svi_jax.data.video import VideoError, decode_bytes
 
 log = logging.getLogger(__name__)
@@ -273,7 +273,7 @@ class ClipLoader(BatchIterator):
     def _sample(self, rec: dict, rng: np.random.Generator) -> dict:
         cfg = self.config
         total, h, w = int(rec["num_frames"]), int(rec["height"]), int(rec["width"])
-        plan = sampling.plan_clip(total, h, w, cfg, rng)
+        plan = windows.plan_clip(total, h, w, cfg, rng)
         data = rec["video"]
         data = data.item() if isinstance(data, np.ndarray) else data
         ext = _text(rec.get("ext", ".mp4")) or ".mp4"
@@ -287,7 +287,7 @@ class ClipLoader(BatchIterator):
         if frames.shape[0] < plan.num_real:
             with self._lock:
                 self.stats["short_decodes"] += 1
-        example = sampling.assemble(frames, plan, _text(rec["caption"]))
+        example = windows.assemble(frames, plan, _text(rec["caption"]))
         if plan.anchor >= 0:   # SVI 2.0 Pro: the anchor frame from outside the clip, same crop and size
             kw_a = dict(kw, start=plan.anchor, count=1, stride=1)
             a = decode_bytes(data, suffix=ext, seek=cfg.seek, **kw_a)
@@ -295,11 +295,11 @@ class ClipLoader(BatchIterator):
                 a = decode_bytes(data, suffix=ext, seek=False, **kw_a)
             if a.shape[0] < 1:
                 raise VideoError(f"the anchor frame {plan.anchor} did not decode")
-            example["anchor"] = sampling.to_float(a[:1])[0]
+            example["anchor"] = windows.to_float(a[:1])[0]
         pose = rec.get("pose", b"")
         pose = pose.item() if isinstance(pose, np.ndarray) else pose
         if pose:        # SVI-Dance: the skeleton frames of the same window, crop and size (0..255 float32)
-            example["pose"] = sampling.pose_window(decode_bytes(pose, suffix=".mp4", seek=False, **kw), plan)
+            example["pose"] = windows.pose_window(decode_bytes(pose, suffix=".mp4", seek=False, **kw), plan)
         audio = rec.get("audio", b"")
         audio = audio.item() if isinstance(audio, np.ndarray) else audio
         if audio:       # SVI-Talk: the clip's audio windows; its first frame mapped to the 25 steps/s timeline

@@ -23,7 +23,7 @@ def _define_flags():
     from absl import flags
     from ml_collections import config_flags
 
-    from svi_jax.sampler import NEGATIVE_PROMPT
+    from svi_jax.denoise import NEGATIVE_PROMPT
 
     config_flags.DEFINE_config_file("config", None, "Model/data config, as for python -m svi_jax.sample (e.g. "
                                     "configs/shot.py, configs/tiny.py); --config.a.b=value overrides a field.",

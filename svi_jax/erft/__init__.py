@@ -3,10 +3,13 @@ from svi_jax.erft.banks import (  # noqa: F401
     Bank,
     bank_nbytes,
     decode,
+    draw,
+    draw_pooled,
     encode,
     grid_of,
     grid_timesteps,
     init_bank,
+    init_banks,
     insert,
     insert_many,
     sample,
@@ -20,10 +23,3 @@ from svi_jax.erft.inject import (  # noqa: F401
     inject,
 )
 
-
-def init_banks(shape, num_grids: int = 50, capacity: int = 500, dtype=None) -> dict:
-    """``{'noise': Bank, 'latent': Bank}``, both empty (bf16 unless ``dtype`` says otherwise)."""
-    import jax.numpy as jnp
-
-    dtype = jnp.bfloat16 if dtype is None else dtype
-    return {name: init_bank(num_grids, capacity, shape, dtype) for name in ("noise", "latent")}

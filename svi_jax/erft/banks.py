@@ -213,7 +213,7 @@ def _read(bank: Bank, grid, idx):
     return decode(row, None if bank.scale is None else bank.scale[grid, idx])
 
 
-def sample(bank: Bank, key, grid):
+def draw(bank: Bank, key, grid):
     """A uniformly drawn stored error of ``grid`` as float32, and ``ok`` (False and zeros when empty)."""
     grid = jnp.clip(jnp.asarray(grid, jnp.int32), 0, bank.num_grids - 1)
     n = bank.count[grid]
@@ -222,7 +222,7 @@ def sample(bank: Bank, key, grid):
     return jnp.where(ok, _read(bank, grid, idx), 0.0), ok
 
 
-def sample_pooled(bank: Bank, key):
+def draw_pooled(bank: Bank, key):
     """A uniformly drawn error among every stored entry of every grid (float32), and ``ok``."""
     cum = jnp.cumsum(bank.count)
     total = cum[-1]
@@ -231,3 +231,12 @@ def sample_pooled(bank: Bank, key):
     idx = (r - (cum[grid] - bank.count[grid])).astype(jnp.int32)
     ok = total > 0
     return jnp.where(ok, _read(bank, grid, idx), 0.0), ok
+
+
+sample, sample_pooled = draw, draw_pooled   # deprecated names (one release): a bank draw is not a video sample
+
+
+def init_banks(shape, num_grids: int = 50, capacity: int = 500, dtype=None) -> dict:
+    """``{'noise': Bank, 'latent': Bank}``, both empty (bf16 unless ``dtype`` says otherwise)."""
+    dtype = jnp.bfloat16 if dtype is None else dtype
+    return {name: init_bank(num_grids, capacity, shape, dtype) for name in ("noise", "latent")}

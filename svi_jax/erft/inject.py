@@ -43,7 +43,7 @@ import ml_collections
 from jax import lax
 
 from svi_jax import flow
-from svi_jax.erft.banks import Bank, grid_of, insert_many, sample, sample_pooled
+from svi_jax.erft.banks import Bank, draw, draw_pooled, grid_of, insert_many
 
 MASK_CHANNELS = 4
 
@@ -139,7 +139,7 @@ def inject(key, banks: Mapping[str, Bank], x0, y, eps, t, sigma, cfg):
     f = float(_get(cfg, "error_modulate_factor"))
     mod = jax.random.uniform(k_m, (3, B), minval=1.0 - f, maxval=1.0 + f)
 
-    per_example = jax.vmap(sample, in_axes=(None, 0, 0))
+    per_example = jax.vmap(draw, in_axes=(None, 0, 0))
     e_n, ok_n = per_example(banks["noise"], jax.random.split(k_n, B), grid)
     e_x, ok_x = per_example(banks["latent"], jax.random.split(k_l, B), grid)
     noise_inj = want_noise & ok_n
@@ -155,7 +155,7 @@ def inject(key, banks: Mapping[str, Bank], x0, y, eps, t, sigma, cfg):
     if y is None:
         y_new, image_inj = None, jnp.zeros((B,), jnp.bool_)
     else:
-        e_i, ok_i = jax.vmap(sample_pooled, in_axes=(None, 0))(banks["latent"], jax.random.split(k_i, B))
+        e_i, ok_i = jax.vmap(draw_pooled, in_axes=(None, 0))(banks["latent"], jax.random.split(k_i, B))
         image_inj = want_image & ok_i
         start = jax.random.randint(k_w, (B,), 0, x0.shape[1] - n + 1)
         window = jax.vmap(lambda e, s0: lax.dynamic_slice_in_dim(e, s0, n, axis=0))(e_i, start)

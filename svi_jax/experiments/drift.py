@@ -242,8 +242,12 @@ def run(config, workdir: str, report_path: str | None = None, command: str = "")
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m svi_jax.experiments.drift", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from svi_jax import cli
+
+    p = cli.ArgumentParser(prog="python -m svi_jax.experiments.drift", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter, config_overrides=True,
+                           epilog="--config.KEY=VALUE sets a field of configs/drift.py (e.g. "
+                                  "--config.experiment.seeds=[0,1] --config.experiment.base_steps=8000)")
     p.add_argument("--workdir", required=True, help="where every stage writes (re-run to continue)")
     p.add_argument("--quick", action="store_true", help="the smoke version: a few steps, 3 clips, 2 starts x 1 seed")
     p.add_argument("--report", default=None, help="also write the tables here (plots and results.json beside it, "
@@ -259,13 +263,17 @@ def main(argv=None) -> int:
     config = drift_cfg.get_quick_config() if a.quick else drift_cfg.get_config()
     if a.train_base:
         config.experiment.base = ""
+    for item in a.config_overrides:
+        cli.apply_override(config, item)
     check_config(config)    # every key known (one line otherwise)
     cmd = ("python -m svi_jax.experiments.drift --workdir " + a.workdir + (" --quick" if a.quick else "")
-           + (" --train_base" if a.train_base else ""))
+           + (" --train_base" if a.train_base else "") + "".join(f" --config.{o}" for o in a.config_overrides))
     res = run(config, os.path.abspath(a.workdir), a.report, cmd)
     print(res["report"])
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from svi_jax import cli as _cli
+
+    raise SystemExit(_cli.run(main))

@@ -231,14 +231,14 @@ class CLIPVision:
     @classmethod
     def from_dir(cls, directory: str, dtype=None, param_dtype=None, attn_impl: str | None = None) -> "CLIPVision":
         """Load a directory written by ``convert/from_torch.py clip`` or :meth:`save`."""
-        from svi_jax.checkpoint import load_model_dir
+        from svi_jax.model_dirs import load_model_dir
 
         cfg, params = load_model_dir(directory, KIND, CLIPConfig, param_shapes, "CLIP", dtype, param_dtype,
                                      attn_impl=attn_impl)
         return cls(cfg, params)
 
     def save(self, directory: str) -> str:
-        from svi_jax.checkpoint import save_model
+        from svi_jax.model_dirs import save_model
 
         return save_model(directory, KIND, self.config.to_dict(), jax.device_get(self.params))
 

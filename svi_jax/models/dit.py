@@ -528,7 +528,7 @@ class DiT:
     def from_dir(cls, directory: str, lora: Optional[str] = None, lora_scale: float = 1.0, dtype: Optional[str] = None,
                  **overrides):
         """Load a converted DiT; optionally merge an SVI-format LoRA (``W <- W + lora_scale * B @ A``)."""
-        from svi_jax.checkpoint import load_params, read_meta
+        from svi_jax.model_dirs import load_params, read_meta
 
         meta = read_meta(directory)
         if meta["kind"] != "dit":
@@ -547,7 +547,7 @@ class DiT:
         return cls(cfg, params)
 
     def save(self, directory: str):
-        from svi_jax.checkpoint import save_model
+        from svi_jax.model_dirs import save_model
 
         return save_model(directory, "dit", self.config.to_dict(), self.params)
 

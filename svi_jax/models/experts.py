@@ -58,7 +58,7 @@ class DiTExperts:
     def from_dir(cls, directory: str, lora_high: Optional[str] = None, lora_low: Optional[str] = None,
                  lora_high_scale: float = 1.0, lora_low_scale: float = 1.0, dtype: Optional[str] = None,
                  **overrides) -> "DiTExperts":
-        from svi_jax.checkpoint import CheckpointError, read_meta
+        from svi_jax.model_dirs import CheckpointError, read_meta
 
         meta = read_meta(directory)
         if meta["kind"] != "dit_experts":
@@ -73,7 +73,7 @@ class DiTExperts:
 
 def write_meta(directory: str, boundary: float, source: dict) -> str:
     """``DIR/config.json`` of a two-expert directory whose experts are in ``DIR/high`` and ``DIR/low``."""
-    from svi_jax.checkpoint import FORMAT_VERSION
+    from svi_jax.model_dirs import FORMAT_VERSION
 
     meta = {"kind": "dit_experts", "format_version": FORMAT_VERSION,
             "config": {"high": "high", "low": "low", "boundary": float(boundary), "source": source}}

@@ -200,7 +200,7 @@ class T5Encoder:
         ``dtype``: compute dtype (default: the config's); ``param_dtype``: cast the params (default: as stored).
         The tokenizer is ``tokenizer_dir`` or ``DIR/tokenizer``; it is only needed by :meth:`encode`.
         """
-        from svi_jax.checkpoint import CheckpointError, load_model_dir
+        from svi_jax.model_dirs import CheckpointError, load_model_dir
 
         cfg, params = load_model_dir(directory, KIND, T5Config, param_shapes, "UMT5", dtype, param_dtype,
                                      text_len=None if text_len is None else int(text_len))
@@ -226,7 +226,7 @@ class T5Encoder:
 
     def save(self, directory: str, tokenizer_dir: str | None = None) -> str:
         """Write ``config.json`` + params (+ ``tokenizer/`` from ``tokenizer_dir`` or the loaded tokenizer)."""
-        from svi_jax.checkpoint import save_model
+        from svi_jax.model_dirs import save_model
         from svi_jax.models.tokenizer import copy_tokenizer
 
         out = save_model(directory, KIND, self.config.to_dict(), jax.device_get(self.params))

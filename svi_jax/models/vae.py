@@ -188,7 +188,7 @@ class VAE:
     def from_dir(cls, directory: str, **kwargs) -> "VAE":
         """Load a directory written by ``convert/from_torch.py vae`` or :meth:`save`. ``kwargs`` override
         :class:`VAEConfig` fields (runtime options such as ``dtype``, ``tiling``, ``tile_sample_min_height``)."""
-        from svi_jax.checkpoint import CheckpointError, load_params, read_meta
+        from svi_jax.model_dirs import CheckpointError, load_params, read_meta
 
         meta = read_meta(directory)
         if meta["kind"] != "vae":
@@ -204,7 +204,7 @@ class VAE:
         return cls(config, init_params(config, seed))
 
     def save(self, directory: str) -> str:
-        from svi_jax.checkpoint import save_model
+        from svi_jax.model_dirs import save_model
 
         return save_model(directory, "vae", self.config.arch_dict(), self.params)
 

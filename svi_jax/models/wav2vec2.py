@@ -287,14 +287,14 @@ class Wav2Vec2Encoder:
 
     @classmethod
     def from_dir(cls, directory: str, dtype=None, param_dtype=None, attn_impl: str | None = None):
-        from svi_jax.checkpoint import load_model_dir
+        from svi_jax.model_dirs import load_model_dir
 
         cfg, params = load_model_dir(directory, KIND, Wav2Vec2Config, param_shapes, "wav2vec2", dtype, param_dtype,
                                      attn_impl=attn_impl)
         return cls(cfg, params)
 
     def save(self, directory: str) -> str:
-        from svi_jax.checkpoint import save_model
+        from svi_jax.model_dirs import save_model
 
         return save_model(directory, KIND, self.config.to_dict(), jax.device_get(self.params))
 
