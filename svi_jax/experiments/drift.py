@@ -134,7 +134,10 @@ def stage_base(config, workdir: str, dataset: str) -> str:
     # '' = a random init; a base directory (its dit/) = continue pre-training from it (e.g. on new captions)
     c.checkpoints.dit = os.path.join(e.base_init, "dit") if e.get("base_init") else ""
     c.data.dataset = dataset
-    c.data.update(num_motion_frames=1, pad_mode="zero", batch_size=e.base_batch)
+    # conditioning of every kind the base will meet: Wan-I2V (first frame, zero padding), SVI-Shot (reference
+    # padding) and Film (5 motion frames), so LoRAs start in distribution whichever they fine-tune for
+    c.data.update(num_motion_frames=int(e.base_motion_frames), p_motion=float(e.base_p_motion),
+                  pad_mode=e.base_pad_mode, batch_size=e.base_batch)
     c.erft.enabled = False
     c.train.update(trainable="full", num_steps=e.base_steps)
     c.optim.lr = e.base_lr
