@@ -253,9 +253,10 @@ def split_config_overrides(argv: Sequence[str], aliases: Sequence[str] = ()) -> 
     return rest, out
 
 
-def _config_for_help(argv: Sequence[str]):
-    """``(path, ConfigDict)`` of ``--config`` in ``argv`` (``PATH[:ARG]``), else of :data:`DEFAULT_HELP_CONFIG`."""
-    spec = DEFAULT_HELP_CONFIG
+def _config_for_help(argv: Sequence[str], default: str = ""):
+    """``(path, ConfigDict)`` of ``--config`` in ``argv`` (``PATH[:ARG]``), else of ``default`` (else
+    :data:`DEFAULT_HELP_CONFIG`)."""
+    spec = default or DEFAULT_HELP_CONFIG
     for i, a in enumerate(argv):
         if a.startswith("--config="):
             spec = a.split("=", 1)[1]
@@ -271,10 +272,11 @@ def config_fields(config, prefix: str = "config") -> list[tuple[str, object]]:
     return field_paths(config, prefix)
 
 
-def config_fields_help(argv: Sequence[str]) -> str:
-    """The ``--config.a.b=value`` lines of the config in ``argv`` (or the tiny one), for a command's ``--help``."""
+def config_fields_help(argv: Sequence[str], default: str = "") -> str:
+    """The ``--config.a.b=value`` lines of the config in ``argv`` (or ``default``, or the tiny one), for a command's
+    ``--help``."""
     try:
-        spec, config = _config_for_help(argv)
+        spec, config = _config_for_help(argv, default)
     except Exception as e:  # a help request never fails on the config: say why the fields are missing
         return f"config fields: cannot load the config ({message(e)})"
     lines = [f"config fields (override any with --config.a.b=value; values of {spec}):"]
@@ -383,8 +385,8 @@ class ArgumentParser(argparse.ArgumentParser):
     and their values (of the ``--config`` given, else configs/tiny.py)."""
 
     def __init__(self, *args, config_overrides: bool = False, overrides_dest: str = "config_overrides",
-                 override_aliases: Sequence[str] = (), **kwargs):
-        self.config_overrides, self.overrides_dest = config_overrides, overrides_dest
+                 override_aliases: Sequence[str] = (), help_config: str = "", **kwargs):
+        self.config_overrides, self.overrides_dest, self.help_config = config_overrides, overrides_dest, help_config
         self.override_aliases = tuple(override_aliases)
         self._help_argv: list[str] = []
         super().__init__(*args, **kwargs)
@@ -401,4 +403,6 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def format_help(self):
         text = super().format_help()
-        return text + "\n" + config_fields_help(self._help_argv) + "\n" if self.config_overrides else text
+        if not self.config_overrides:
+            return text
+        return text + "\n" + config_fields_help(self._help_argv, self.help_config) + "\n"

@@ -57,8 +57,9 @@ def test_data_help_and_pad_modes():
 ENTRY_POINTS = [
     (["-m", "svi_jax.train"], True), (["-m", "svi_jax.sample"], True), (["-m", "svi_jax.demo"], True),
     (["-m", "svi_jax.plan"], True), (["-m", "svi_jax.pro_plan"], True), (["-m", "svi_jax.data", "cache"], True),
-    (["-m", "svi_jax.data"], False), (["-m", "svi_jax.experiments.drift"], False),
+    (["-m", "svi_jax.data"], False), (["-m", "svi_jax.experiments.drift"], True),
     (["-m", "svi_jax.experiments.caption_probe"], False), (["-m", "svi_jax.experiments.dance_strip"], False),
+    (["-m", "svi_jax.experiments.tiny_strip"], False),
     (["-m", "svi_jax.eval.drift"], False), (["-m", "bench"], False), (["convert/from_torch.py"], False),
 ]
 

@@ -249,6 +249,7 @@ def main(argv=None) -> int:
 
     p = cli.ArgumentParser(prog="python -m svi_jax.experiments.drift", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter, config_overrides=True,
+                           help_config="configs/drift.py",
                            epilog="--config.KEY=VALUE sets a field of configs/drift.py (e.g. "
                                   "--config.experiment.seeds=[0,1] --config.experiment.base_steps=8000)")
     p.add_argument("--workdir", required=True, help="where every stage writes (re-run to continue)")
