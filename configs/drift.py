@@ -38,6 +38,7 @@ def get_config():
         base=TINY_BASE,                 # '' or --train_base: pre-train the base (and fit the codec) in the workdir
         base_init="",                   # pre-training starts from this base dir ('' = random init)
         base_pad_mode="mix", base_motion_frames=5, base_p_motion=0.3,   # the base's conditioning mix
+        base_schedule="constant",       # or 'cosine': the base's learning rate decays to 0 over base_steps
         heldout_images=["camera", "brick", "rocket", "stereo_motorcycle"],
         num_train_clips=384, data_frames=33, seed=0,
         codec_clips=192, base_steps=6000, base_lr=1e-3, base_batch=4, lora_steps=300, lora_lr=5e-4,

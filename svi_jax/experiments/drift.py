@@ -140,7 +140,7 @@ def stage_base(config, workdir: str, dataset: str) -> str:
                   pad_mode=e.base_pad_mode, batch_size=e.base_batch)
     c.erft.enabled = False
     c.train.update(trainable="full", num_steps=e.base_steps)
-    c.optim.lr = e.base_lr
+    c.optim.update(lr=e.base_lr, schedule=e.base_schedule)
     _train(c, out, "the base (full)")
     return out
 
