@@ -150,23 +150,10 @@ def _is_spec(x) -> bool:
     return isinstance(x, P)
 
 
-def _path_str(path) -> str:
-    parts = []
-    for k in path:
-        if isinstance(k, jax.tree_util.DictKey):
-            parts.append(str(k.key))
-        elif isinstance(k, jax.tree_util.GetAttrKey):
-            parts.append(k.name)
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            parts.append(str(k.idx))
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
-
-
 def _flatten(tree) -> dict:
-    """``{'a/b/c': leaf}`` of a nested dict (specs are leaves)."""
-    return {_path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_spec)[0]}
+    """``{'a/b/c': leaf}`` of a nested dict (specs are leaves; svi_jax.trees.flatten, which sharding may not import)."""
+    return {jax.tree_util.keystr(p, simple=True, separator="/"): v
+            for p, v in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_spec)[0]}
 
 
 def _unflatten(flat: Mapping) -> dict:
