@@ -101,6 +101,10 @@ class ClipLoop:
     """The per-clip loop of a sampler that has ``initial_state``, ``conditioning``, ``compile``, ``sample``,
     ``decode``, ``next_state``, ``segment_frames``, ``T``, ``m``, ``num_steps`` and ``compile_s``."""
 
+    def tail_frames(self, frames: np.ndarray) -> np.ndarray:
+        """A clip's last ``m`` frames, held back until the next clip (the stitched video's end after the last)."""
+        return frames[self.T - self.m:]
+
     def clips(self, reference_u8: np.ndarray, prompts: Sequence[str], seed: int = 0, seed_times: int = 42, *,
               state: Optional[ChainState] = None, repeat_first_clip: bool = False,
               clip_setup: Optional[Callable[[int], tuple[int, dict]]] = None, step_bar=None,
@@ -136,7 +140,7 @@ class ClipLoop:
             nxt = self.next_state(state, frames, latents)
             timings = {"condition_s": round(t1 - t0, 4), "sample_s": round(t2 - t1, 4),
                        "s_per_step": round((t2 - t1) / self.num_steps, 5), "decode_s": round(t3 - t2, 4)}
-            yield ClipResult(k, prompt, s, frames, self.segment_frames(state, frames), frames[self.T - self.m:],
+            yield ClipResult(k, prompt, s, frames, self.segment_frames(state, frames), self.tail_frames(frames),
                              latents, nxt, timings, extra, compile_s)
             state = nxt
 

@@ -12,8 +12,8 @@ Stages (each skipped when its output exists, so an interrupted run continues):
             instead of banked errors, Tab. 7); Film-setting LoRAs (5 motion frames, zero padding) for ``film_variants``;
             ERFT LoRAs with other bank sizes for ``capacities`` (Tab. 8);
 4. rollouts each model chained for ``num_clips`` clips from held-out pictures (pictures never seen in training) by
-            ``svi_jax.long_video.LongVideoSampler.rollout`` (the sampler users run; clip k has seed ``seed + 42 k``), Shot
-            chaining (and Film for the Film LoRAs), for every seed; the ERFT LoRA at the ``strengths`` (Tab. 7 bottom);
+            the sampler users run, all (start, seed) pairs as one batch (``svi_jax.rollout_batch``; clip k has seed
+            ``seed + 42 k``), Shot chaining (and Film for the Film LoRAs), for every seed; the ERFT LoRA at the ``strengths`` (Tab. 7 bottom);
 5. metrics  svi_jax.eval.drift per clip against the reference image and the ground-truth continuation;
 6. report   ``report.md``, ``results.json``, ``drift.png``, ``paired.png`` (paired differences vs plain with
             bootstrap 95% intervals) and ``strip.png`` (frames of clips 1, 10, 20) in the workdir; ``--report
@@ -190,6 +190,7 @@ def stage_rollouts(config, workdir: str, base_dir: str, runs: dict) -> dict:
     from svi_jax.eval import drift
     from svi_jax.models.dit import DiT
     from svi_jax.long_video import LongVideoSampler
+    from svi_jax.rollout_batch import RolloutBatch
 
     e, d = config.experiment, config.data
     cfg = with_base(config, base_dir)
@@ -205,18 +206,20 @@ def stage_rollouts(config, workdir: str, base_dir: str, runs: dict) -> dict:
                                    shift=float(config.erft.shift), cfg_scale=e.cfg_scale,
                                    motion_frames=5 if film else 1,
                                    pad="zero" if film else "ref")
+        # every (start, seed) pair as one batch (svi_jax.rollout_batch: the rollouts the sampler makes alone)
+        pairs = [(case, seed) for case in heldout_cases(config) for seed in e.seeds]
+        refs = np.stack([case.frame0(d.height, d.width) for case, _ in pairs])
+        videos = RolloutBatch(sampler, [seed for _, seed in pairs]).rollout(
+            refs, [[case.caption for case, _ in pairs]] * e.num_clips)
         results = []
-        for case in heldout_cases(config):
-            ref = case.frame0(d.height, d.width)
-            truth = scroll.make_scroll(ref, sampler.total_frames(e.num_clips), case.direction, case.speed)
-            for seed in e.seeds:
-                frames = sampler.rollout(ref, [case.caption] * e.num_clips, seed)
-                r = drift.per_clip(frames, ref, sampler.new_frames_per_clip, truth, sampler.new_frames_per_clip)
-                r.update(case=case.picture, seed=seed)
-                results.append(r)
-                if seed == e.seeds[0]:   # keep one rollout per model and start for looking at
-                    np.savez_compressed(os.path.join(workdir, "rollouts", f"{name}_{case.picture}.npz"),
-                                        frames=frames, truth=truth)
+        for (case, seed), ref, frames in zip(pairs, refs, videos):
+            truth = scroll.make_scroll(ref, len(frames), case.direction, case.speed)
+            r = drift.per_clip(frames, ref, sampler.new_frames_per_clip, truth, sampler.new_frames_per_clip)
+            r.update(case=case.picture, seed=seed)
+            results.append(r)
+            if seed == e.seeds[0]:   # keep one rollout per model and start for looking at
+                np.savez_compressed(os.path.join(workdir, "rollouts", f"{name}_{case.picture}.npz"),
+                                    frames=frames, truth=truth)
         json.dump(results, open(path, "w"))
         out[name] = results
     return out
