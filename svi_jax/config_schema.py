@@ -65,7 +65,8 @@ SECTIONS: dict[str, Any] = {
     "dance": ("adapter", "p_pose_zero", "p_image_zero"),
     "pro": ("expert", "boundary", "grid_steps", "overlap", "motion_latents", "p_first_clip"),
     "experiment": ("base", "heldout_images", "num_train_clips", "data_frames", "seed", "codec_clips", "base_steps",
-                   "base_lr", "base_batch", "lora_steps", "lora_lr", "num_clips", "seeds", "sample_steps",
+                   "base_lr", "base_batch", "base_init", "base_pad_mode", "base_motion_frames", "base_p_motion",
+                   "base_schedule", "lora_steps", "lora_lr", "num_clips", "seeds", "sample_steps",
                    "cfg_scale", "variants", "film_variants", "capacities", "strengths", "bootstrap"),
     # model and encoder sections: the fields of their config dataclasses (module, class)
     "model": ("svi_jax.models.dit", "DiTConfig"),
