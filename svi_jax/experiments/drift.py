@@ -128,8 +128,13 @@ def stage_base(config, workdir: str, dataset: str) -> str:
     e = config.experiment
     if e.base:
         return e.base
-    stage_codec(config, workdir)
     out = os.path.join(workdir, "base")
+    if e.get("base_init"):      # continuing a base keeps its codec (a re-fitted basis could differ in sign)
+        os.makedirs(out, exist_ok=True)
+        if not os.path.exists(os.path.join(out, "codec.npz")):
+            shutil.copyfile(os.path.join(e.base_init, "codec.npz"), os.path.join(out, "codec.npz"))
+    else:
+        stage_codec(config, workdir)
     c = with_base(config, out)
     # '' = a random init; a base directory (its dit/) = continue pre-training from it (e.g. on new captions)
     c.checkpoints.dit = os.path.join(e.base_init, "dit") if e.get("base_init") else ""
