@@ -85,7 +85,7 @@ def test_checksums_corruption_fallback_and_changed_settings(dataset, tmp_path, c
     original = open(os.path.join(run, "config.json")).read()
     c = _config(dataset, num_steps=6, ckpt_every=2, seed=7)
     c.optim.lr = 5e-4
-    with pytest.raises(train_lib.ConfigError, match=r"optim\.lr was 0\.001, now 0\.0005; train\.seed was 0, now 7.*"
+    with pytest.raises(train_lib.ConfigError, match=r"optim\.lr was 0\.0002, now 0\.0005; train\.seed was 0, now 7.*"
                                                     r"--config\.train\.allow_changes=optim\.lr,train\.seed"):
         train_lib.Trainer(c, run)
     c.train.allow_changes = "optim.lr,train.seed"

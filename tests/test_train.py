@@ -125,7 +125,7 @@ def test_banks_survive_save_restore(dataset, tmp_path):
 def test_loss_decreases_on_a_fixed_batch(dataset, tmp_path):
     c = _config(dataset, num_steps=1)
     c.erft.enabled = False
-    c.optim.lr = 2e-2
+    c.optim.lr = 1e-2    # the shipped base's fixed-batch loss falls steadily at 1e-2 (at 2e-2: 23 of 29 steps down)
     t = train_lib.Trainer(c, str(tmp_path / "run"))
     batch = t.conditioner.device_batch(next(t.data))
     key_data = np.asarray(jax.random.key_data(t.state["rng"]))
