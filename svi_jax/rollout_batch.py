@@ -46,7 +46,7 @@ class RolloutBatch(ClipLoop):
         if len(prompts) != len(self.seeds):
             raise ValueError(f"{len(prompts)} prompts for a batch of {len(self.seeds)} rollouts")
         ctx = _stack_padded([s.encode_text(p) for p in prompts])
-        neg = _stack_padded([s.encode_text(s.negative_prompt)] * len(prompts)) if s.cfg_scale != 1.0 else ctx
+        neg = s.encode_text(s.negative_prompt) if s.cfg_scale != 1.0 else ctx    # [1, L, D]: the denoiser broadcasts it
         noise = jnp.concatenate([s.noise(y[b:b + 1], clip_seed(seed, k, self.seed_times))
                                  for b, seed in enumerate(self.seeds)])
         return s.params, noise, ctx, neg, clip_fea, y, None, None, None

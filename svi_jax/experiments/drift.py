@@ -13,7 +13,8 @@ Stages (each skipped when its output exists, so an interrupted run continues):
             ERFT LoRAs with other bank sizes for ``capacities`` (Tab. 8);
 4. rollouts each model chained for ``num_clips`` clips from held-out pictures (pictures never seen in training) by
             the sampler users run, all (start, seed) pairs as one batch (``svi_jax.rollout_batch``; clip k has seed
-            ``seed + 42 k``), Shot chaining (and Film for the Film LoRAs), for every seed; the ERFT LoRA at the ``strengths`` (Tab. 7 bottom);
+            ``seed + 42 k``), Shot chaining (and Film for the Film LoRAs), for every seed; the ERFT LoRA at the
+            ``strengths`` (Tab. 7 bottom);
 5. metrics  svi_jax.eval.drift per clip against the reference image and the ground-truth continuation;
 6. report   ``report.md``, ``results.json``, ``drift.png``, ``paired.png`` (paired differences vs plain with
             bootstrap 95% intervals) and ``strip.png`` (frames of clips 1, 10, 20) in the workdir; ``--report
@@ -128,16 +129,16 @@ def stage_base(config, workdir: str, dataset: str) -> str:
     e = config.experiment
     if e.base:
         return e.base
-    out = os.path.join(workdir, "base")
-    if e.get("base_init"):      # continuing a base keeps its codec (a re-fitted basis could differ in sign)
+    out, init = os.path.join(workdir, "base"), e.base_init
+    if init:      # continuing a base keeps its codec (a re-fitted basis could differ in sign)
         os.makedirs(out, exist_ok=True)
         if not os.path.exists(os.path.join(out, "codec.npz")):
-            shutil.copyfile(os.path.join(e.base_init, "codec.npz"), os.path.join(out, "codec.npz"))
+            shutil.copyfile(os.path.join(init, "codec.npz"), os.path.join(out, "codec.npz"))
     else:
         stage_codec(config, workdir)
     c = with_base(config, out)
     # '' = a random init; a base directory (its dit/) = continue pre-training from it (e.g. on new captions)
-    c.checkpoints.dit = os.path.join(e.base_init, "dit") if e.get("base_init") else ""
+    c.checkpoints.dit = os.path.join(init, "dit") if init else ""
     c.data.dataset = dataset
     # conditioning of every kind the base will meet: Wan-I2V (first frame, zero padding), SVI-Shot (reference
     # padding) and Film (5 motion frames), so LoRAs start in distribution whichever they fine-tune for

@@ -61,13 +61,11 @@ def main(argv=None) -> int:
 
     from configs import tiny
     from svi_jax.data import scroll
+    from svi_jax.experiments.drift import with_base
     from svi_jax.logs import quiet_logs
 
     quiet_logs()
-    config = tiny.get_config()
-    if a.base:
-        config.checkpoints.dit = os.path.join(a.base, "dit")
-        config.encoders.vae.basis = os.path.join(a.base, "codec.npz")
+    config = with_base(tiny.get_config(), a.base) if a.base else tiny.get_config()
     cases = {c.picture: c for c in scroll.heldout_specs()}
     if a.picture not in cases:
         raise ValueError(f"--picture must be a held-out picture, one of {', '.join(cases)}; got {a.picture!r}")
@@ -80,7 +78,8 @@ def main(argv=None) -> int:
         report[name] = {"seconds": round(seconds, 1), "clips": clips}
         rows.append(frames)
         print(f"{name}: {len(frames)} frames in {seconds:.0f} s")
-        print("| clip | first frame (dB) | sharpness ratio | PSNR vs truth (dB) | colour shift |\n|---|---|---|---|---|")
+        print("| clip | first frame (dB) | sharpness ratio | PSNR vs truth (dB) | colour shift |\n"
+              "|---|---|---|---|---|")
         for r in clips:
             print(f"| {r['clip'] + 1} | {r['psnr_first_frame']:.1f} | {r['sharpness_ratio']:.2f} | "
                   f"{r.get('psnr', float('nan')):.1f} | {r['color_shift']:.3f} |")
