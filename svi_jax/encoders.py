@@ -108,7 +108,12 @@ class Codec:
 
 def in_dtype(cfg, params, dtype: str):
     """``(cfg, params)`` of a frozen encoder computing in ``dtype`` with its floating params cast to it."""
-    cast = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
+    def cast_leaf(a):
+        if not jnp.issubdtype(a.dtype, jnp.floating):
+            return a
+        return jax.ShapeDtypeStruct(a.shape, dtype) if isinstance(a, jax.ShapeDtypeStruct) else a.astype(dtype)
+
+    cast = jax.tree.map(cast_leaf, params)
     fields = {f.name for f in dataclasses.fields(cfg)}
     return dataclasses.replace(cfg, dtype=dtype, **({"param_dtype": dtype} if "param_dtype" in fields else {})), cast
 
@@ -243,13 +248,53 @@ class FrozenEncoders:
         return self.tokenizer([str(c) for c in captions])
 
 
-def make_encoders(config, *, image: Optional[bool] = None, dtype: Optional[str] = None) -> FrozenEncoders:
+def make_encoders(config, *, image: Optional[bool] = None, dtype: Optional[str] = None,
+                  abstract: bool = False) -> FrozenEncoders:
     """The frozen encoders of ``config`` (checkpoints or the seeded random tiny ones). ``image``: build CLIP
-    (default: for I2V models); ``dtype``: see :meth:`FrozenEncoders.in_dtype` (default: as loaded)."""
+    (default: for I2V models); ``dtype``: see :meth:`FrozenEncoders.in_dtype` (default: as loaded).
+    ``abstract=True``: the same encoders with ``jax.ShapeDtypeStruct`` params and nothing read or allocated (for
+    ``svi_jax.plan``), see :func:`abstract_encoders`."""
     if image is None:
         image = config.model.model_type == "i2v"
+    if abstract:
+        enc = abstract_encoders(config, image)
+        return enc if dtype is None else enc.in_dtype(dtype)
     codec = Codec.from_config(config)
     t5_cfg, t5_params, tok = make_text_encoder(config)
     clip_cfg, clip_params = make_image_encoder(config) if image else (None, None)
     enc = FrozenEncoders(codec, t5_cfg, t5_params, tok, clip_cfg, clip_params)
     return enc if dtype is None else enc.in_dtype(dtype)
+
+
+def _arch(config, name: str, cls):
+    """The architecture of encoder ``name``: the ``config.json`` of its converted checkpoint when that exists,
+    else ``config.encoders.<name>`` (whose defaults are the Wan2.1 release's: VAE z 16, UMT5-XXL, CLIP ViT-H/14)."""
+    import json
+    import os
+
+    path = config.checkpoints.get(name, "")
+    if path and os.path.isfile(os.path.join(path, "config.json")):
+        with open(os.path.join(path, "config.json")) as f:
+            return cls.from_dict(json.load(f)["config"])
+    spec = {k: v for k, v in config.encoders[name].to_dict().items() if k != "kind"}
+    return cls.from_dict(spec)
+
+
+def abstract_encoders(config, image: bool) -> FrozenEncoders:
+    """:class:`FrozenEncoders` whose params are ``jax.ShapeDtypeStruct`` trees (no weights read, nothing allocated):
+    the same pure functions, so a step that calls them can be lowered and compiled ahead of time."""
+    from svi_jax.models import clip as clip_mod
+    from svi_jax.models import t5 as t5_mod
+    from svi_jax.models import vae as vae_mod
+
+    if config.encoders.vae.get("kind", "wan") == "patch":
+        codec = Codec.from_config(config)                # a fixed transform (a few KB): its real params
+        codec = Codec("patch", codec.cfg, jax.eval_shape(lambda: codec.params), codec.encode, codec.decode,
+                      codec.z_dim)
+    else:
+        cfg = _arch(config, "vae", vae_mod.VAEConfig)
+        codec = Codec("wan", cfg, vae_mod.param_shapes(cfg), vae_encode_fn(cfg), vae_decode_fn(cfg), cfg.z_dim)
+    t5_cfg = _arch(config, "t5", t5_mod.T5Config)
+    clip_cfg = _arch(config, "clip", clip_mod.CLIPConfig) if image else None
+    return FrozenEncoders(codec, t5_cfg, t5_mod.param_shapes(t5_cfg), ByteTokenizer(t5_cfg.text_len), clip_cfg,
+                          clip_mod.param_shapes(clip_cfg) if image else None)

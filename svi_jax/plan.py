@@ -2,9 +2,12 @@
 
   python -m svi_jax.plan --config configs/shot.py --devices 64 --mesh data=8,fsdp=8 --chip v5p --json out.json
 
-Builds the train state and a latent-form batch as ``jax.ShapeDtypeStruct``s (the DiT step with cached latents,
-``conditioners.LatentConditioner``: the frozen VAE/UMT5/CLIP encoders are not part of the compiled step), jits the
-real train step as the trainer builds it (:func:`svi_jax.train.builder.build`, abstract), lowers and compiles it for
+Builds the train state and the batch as ``jax.ShapeDtypeStruct``s, as the trainer reads them for the config
+(``--inputs config``): with a latent cache (``data.cache``) the DiT step on cached latents
+(``conditioners.LatentConditioner``); otherwise pixel batches, with the frozen VAE/UMT5/CLIP (their shapes from
+``config.encoders`` or the checkpoints' ``config.json``, in ``config.encoders.dtype``) encoding them inside the
+step (``conditioners.PixelConditioner``), counted in the memory and FLOPs and also reported alone. It jits the real
+train step as the trainer builds it (:func:`svi_jax.train.builder.build`, abstract), lowers and compiles it for
 
 * ``--target cpu`` (default): ``--devices`` fake CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count=N``,
   set here; the command re-executes itself if JAX was already initialised with another device count);
@@ -66,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "TPU); the report records an override")
     p.add_argument("--remat_policies", default="", help="also compile the step with each of these remat policies "
                    "(comma list, or 'all' = full,save_attention,offload_attention) and report their memory")
+    p.add_argument("--inputs", default="config", choices=INPUTS, help="what the step takes: 'config' = what the "
+                   "trainer reads for this config (a latent cache with data.cache, else pixels encoded by the frozen "
+                   "VAE/UMT5/CLIP inside the step, counted in the plan), or force 'latents' / 'pixels'")
     p.add_argument("--json", default="", help="also write the report here")
     p.add_argument("--label", default="", help="a free-text label stored in the report")
     p.add_argument("--sample", action="store_true", help="plan the sampler instead of the train step: the program "
@@ -105,34 +111,104 @@ def analytic_flops(dit_cfg, latent_fhw, batch: int, text_len: int, remat: bool, 
 # ------------------------------------------------------------------------------------------------ plan
 
 
-def build_step(config, devices, sizes: dict, batch_size: int):
-    """The trainer's own step, built as the trainer builds it (``svi_jax.train.builder.build``, abstract: nothing
-    allocated) on a mesh of ``devices``, with a latent-form batch (cached latents, ``LatentConditioner``).
-    Returns ``(step, state, batch, mesh)``; ``step.lower(state, batch)`` lowers it."""
+INPUTS = ("config", "latents", "pixels")
+
+
+def resolve_inputs(config, inputs: str = "config") -> str:
+    """What the trainer's step takes for ``config``: 'latents' with a latent cache (``config.data.cache``), else
+    'pixels' (video, condition frames, first frame and caption ids, encoded inside the step)."""
+    if inputs not in INPUTS:
+        raise ValueError(f"--inputs must be one of {INPUTS}, got {inputs!r}")
+    if inputs != "config":
+        return inputs
+    return "latents" if config.data.get("cache", "") else "pixels"
+
+
+def plan_conditioner(config, inputs: str):
+    """The trainer's conditioner for ``inputs`` ('latents' or 'pixels'), with abstract frozen encoders (their
+    shapes only, from ``config.encoders`` or the checkpoints' ``config.json``; nothing read or allocated)."""
+    from svi_jax.conditioners import LatentConditioner, PixelConditioner
+    from svi_jax.encoders import make_encoders
+
+    if inputs == "latents":
+        return LatentConditioner(config)
+    if config.get("pro", None) is not None or config.model.get("multitalk", False):
+        raise ValueError("--inputs pixels plans the Shot/Film/Dance step; Pro has `--config configs/pro_*.py` "
+                         "(svi_jax/pro_plan.py) and Talk plans with --inputs latents")
+    enc = make_encoders(config, abstract=True, dtype=config.encoders.get("dtype", "float32"))
+    enc.check_widths(config.model.text_dim, config.model.out_dim)
+    enc.check_image_width(config.model.image_dim)
+    return PixelConditioner(config, enc)
+
+
+def abstract_batch(config, conditioner, batch_size: int) -> dict:
+    """The batch the trainer's ``device_batch`` makes, as ``ShapeDtypeStruct``s."""
     import jax
     import jax.numpy as jnp
 
-    from svi_jax import sharding
+    from svi_jax.conditioners import LatentConditioner
     from svi_jax.models.dit import DiTConfig
-    from svi_jax.train.builder import build
     from svi_jax.train.config import latent_shape
 
-    mesh = sharding.make_mesh(sizes, devices=devices)
-    built = build(config, mesh, abstract=True)
-    F, H, W, C = latent_shape(config)
+    S, f32, B = jax.ShapeDtypeStruct, jnp.float32, batch_size
     dit_cfg = DiTConfig.from_dict(config.model.to_dict())
-    S, f32 = jax.ShapeDtypeStruct, jnp.float32
-    batch = {"latents": S((batch_size, F, H, W, C), f32),
-             "context": S((batch_size, dit_cfg.text_len, dit_cfg.text_dim), f32)}
+    if isinstance(conditioner, LatentConditioner):
+        F, H, W, C = latent_shape(config)
+        batch = {"latents": S((B, F, H, W, C), f32), "context": S((B, dit_cfg.text_len, dit_cfg.text_dim), f32)}
+        if dit_cfg.is_i2v:
+            batch["y"] = S((B, F, H, W, C + 4), f32)
+            batch["clip_fea"] = S((B, 257, dit_cfg.image_dim), f32)
+        return batch
+    d, L = config.data, conditioner.t5_cfg.text_len
+    video = S((B, int(d.num_frames), int(d.height), int(d.width), 3), f32)
+    batch = {"ids": S((B, L), jnp.int32), "ids_mask": S((B, L), jnp.int32), "video": video}
     if dit_cfg.is_i2v:
-        batch["y"] = S((batch_size, F, H, W, C + 4), f32)
-        batch["clip_fea"] = S((batch_size, 257, dit_cfg.image_dim), f32)
+        batch.update(cond=video, first_frame=S((B, int(d.height), int(d.width), 3), f32))
+    return batch
+
+
+def build_step(config, devices, sizes: dict, batch_size: int, inputs: str = "latents"):
+    """The trainer's own step, built as the trainer builds it (``svi_jax.train.builder.build``, abstract: nothing
+    allocated) on a mesh of ``devices``, with the batch of ``inputs``: 'latents' (a latent cache,
+    ``LatentConditioner``) or 'pixels' (the frozen VAE/UMT5/CLIP run inside the step, ``PixelConditioner``).
+    Returns ``(step, state, batch, mesh)``; ``step.lower(state, batch)`` lowers it."""
+    built, batch = _build(config, devices, sizes, batch_size, inputs)
+    return built.step, built.state, batch, built.step.mesh
+
+
+def _build(config, devices, sizes: dict, batch_size: int, inputs: str):
+    """:func:`svi_jax.train.builder.build` (abstract) with the conditioner of ``inputs`` and its abstract batch,
+    placed as the trainer's is (the same avals, so the same trace). Returns ``(built, batch)``."""
+    from svi_jax import sharding
+    from svi_jax.train.builder import build
+
+    mesh = sharding.make_mesh(sizes, devices=devices)
+    conditioner = plan_conditioner(config, resolve_inputs(config, inputs))
+    built = build(config, mesh, abstract=True, conditioner=conditioner)
+    batch = abstract_batch(config, conditioner, batch_size)
     built.step.build(built.state, batch)
-    # abstract arrays placed as the trainer's are (the same avals, so the same trace)
-    return built.step, built.state, sharding.abstract(batch, built.step.batch_shardings), mesh
+    return built, sharding.abstract(batch, built.step.batch_shardings)
 
 
-def remat_report(config, devices, sizes, batch_size, policies, hbm_gb: float) -> dict:
+def encoder_report(built, batch) -> dict:
+    """FLOPs and temporaries per device of the frozen encoders alone (the conditioner's ``prepare``, compiled on
+    the step's mesh with the step's shardings): the share of the step that a latent cache would skip."""
+    import jax
+
+    from svi_jax import sharding
+
+    step, prep = built.step, built.conditioner.prepare
+    s_sh, b_sh = step.jitted.in_shardings
+    f = sharding.MeshJit(lambda p, b: prep(p, b, jax.random.key(0)), step.mesh, (s_sh.params, b_sh), None,
+                         rules=step.rules)
+    state = built.state
+    compiled = f.lower(state.params, batch).compile()
+    mem = memory(compiled)
+    return {"flops_per_device": hlo_stats(compiled.as_text())["flops"], "temporaries": mem["temporaries"],
+            "peak": mem["peak"]}
+
+
+def remat_report(config, devices, sizes, batch_size, policies, hbm_gb: float, inputs: str = "latents") -> dict:
     """Per remat policy: the compiled step's memory per device (and whether it fits ``hbm_gb``) and compile time."""
     import copy
 
@@ -141,7 +217,7 @@ def remat_report(config, devices, sizes, batch_size, policies, hbm_gb: float) ->
         c = copy.deepcopy(config)
         c.model.remat_policy = name
         t0 = time.time()
-        step, state, batch, _ = build_step(c, devices, sizes, batch_size)
+        step, state, batch, _ = build_step(c, devices, sizes, batch_size, inputs)
         try:
             compiled = step.lower(state, batch).compile()
         except Exception as e:  # noqa: BLE001 - the compiler's out-of-memory is a result here
@@ -194,8 +270,10 @@ def plan(args) -> dict:
     dit_cfg = DiTConfig.from_dict(config.model.to_dict())
     resolved = resolve_attention(config.model.attention, devices[0].platform, len(devices))
 
+    inputs = resolve_inputs(config, args.inputs)
     t0 = time.time()
-    jitted, state, batch, mesh = build_step(config, devices, sizes, batch_size)
+    built, batch = _build(config, devices, sizes, batch_size, inputs)
+    jitted, state = built.step, built.state
     lowered = jitted.lower(state, batch)
     lower_s = time.time() - t0
     t0 = time.time()
@@ -209,7 +287,11 @@ def plan(args) -> dict:
 
     # per-part argument bytes from the shard shapes
     s_sh, b_sh = jitted.jitted.in_shardings
-    parts = {"params": sharding.per_device_bytes(state.params, s_sh.params)}
+    parts = {"params": sharding.per_device_bytes(state.params["dit"], s_sh.params["dit"])}
+    enc_names = [k for k in state.params if k != "dit"]
+    if enc_names:   # the frozen VAE/UMT5/CLIP (pixel inputs)
+        parts["encoders"] = sharding.per_device_bytes({k: state.params[k] for k in enc_names},
+                                                      {k: s_sh.params[k] for k in enc_names})
     saved, saved_sh = state.checkpoint(), s_sh.checkpoint()
     for name in saved:
         if name != "dit":   # a full fine-tune's DiT: counted with the params
@@ -227,7 +309,10 @@ def plan(args) -> dict:
         // max(dit_cfg.num_layers, 1) * dit_cfg.num_layers
     ana = analytic_flops(dit_cfg, (F, H, W), batch_size, dit_cfg.text_len,
                          config.model.remat_policy != "none", int(config.lora.rank), lora_params)
+    encoders = encoder_report(built, batch) if enc_names else None
+    enc_flops = encoders["flops_per_device"] if encoders else 0.0
     compiled_total = stats["flops"] * args.devices
+    dit_total = (stats["flops"] - enc_flops) * args.devices
     per_slot = bank_bytes / K if K else 0.0
     headroom = hbm - (peak - bank_bytes)
     report = {
@@ -239,6 +324,8 @@ def plan(args) -> dict:
         "chip": args.chip,
         "chip_hbm_gb": chip["hbm_gb"],
         "batch": batch_size,
+        "inputs": inputs,
+        "encoders": encoders,
         "latent": [F, H, W, C],
         "tokens_per_clip": (F // dit_cfg.patch_size[0]) * (H // dit_cfg.patch_size[1]) * (W // dit_cfg.patch_size[2]),
         "model": dict({k: getattr(dit_cfg, k) for k in ("model_type", "dim", "num_layers", "num_heads", "ffn_dim",
@@ -265,13 +352,14 @@ def plan(args) -> dict:
             "analytic_attention_forward": ana["attention_forward"],
             "analytic_step": ana["step"],
             "analytic_three_x_forward": ana["three_x_forward"],
-            "compiled_over_analytic_step": compiled_total / ana["step"] if ana["step"] else None,
+            "compiled_encoders_per_device": enc_flops,
+            "compiled_over_analytic_step": dit_total / ana["step"] if ana["step"] else None,
             "ideal_step_s_at_peak": stats["flops"] / (chip["bf16_tflops"] * 1e12),
         },
         "collective_gb_per_device": stats["collective_bytes"] / GB,
         "collective_gb_by_kind": {k: v / GB for k, v in stats["collective_bytes_by_kind"].items()},
         "remat_policies": (remat_report(config, devices, sizes, batch_size, _policies(args.remat_policies),
-                                        chip["hbm_gb"]) if args.remat_policies else {}),
+                                        chip["hbm_gb"], inputs) if args.remat_policies else {}),
         "lower_s": lower_s,
         "compile_s": compile_s,
         "jax": jax.__version__,
@@ -300,7 +388,7 @@ def format_report(r: dict) -> str:
         f"model {r['model']['dim']}x{r['model']['num_layers']} {r['model']['param_dtype']}, "
         f"attention {r['model']['attention']}"
         f"{' (override --attention)' if r['model'].get('attention_override') else ''}, "
-        f"remat {r['model']['remat_policy']}, LoRA r{r['lora_rank']}",
+        f"remat {r['model']['remat_policy']}, LoRA r{r['lora_rank']}, inputs {r.get('inputs', 'latents')}",
         f"  banks: {r['erft']['bank_mode']} x{r['erft']['bank_replicas']}, {r['erft']['num_grids']} grids x "
         f"{r['erft']['capacity']} {r['erft']['bank_dtype']}",
         "  per device (GB): arguments {:.2f}  outputs {:.2f}  aliased {:.2f}  temporaries {:.2f}  -> peak {:.2f} "
@@ -311,11 +399,17 @@ def format_report(r: dict) -> str:
         f"largest capacity that fits: {r['max_capacity_that_fits']}",
         "  FLOPs: compiled {:.3e}/device, {:.3e} total; analytic step {:.3e} (forward {:.3e}); ratio {:.3f}".format(
             fl["compiled_per_device"], fl["compiled_total"], fl["analytic_step"], fl["analytic_forward"],
-            fl["compiled_over_analytic_step"] or float("nan")),
+            fl["compiled_over_analytic_step"] or float("nan"))
+        + (" (DiT part, without the encoders)" if r.get("encoders") else ""),
         f"  ideal step time at peak bf16: {fl['ideal_step_s_at_peak']:.2f} s; collectives "
         f"{r['collective_gb_per_device']:.1f} GB/device/step",
         f"  lower {r['lower_s']:.1f} s, compile {r['compile_s']:.1f} s",
     ]
+    if r.get("encoders"):
+        e = r["encoders"]
+        lines.insert(5, "  frozen encoders inside the step (pixel inputs): {:.2f} GB params/device, {:.3e} FLOPs/device, "
+                     "{:.2f} GB temporaries alone (a latent cache skips them: --inputs latents)".format(
+                         pd["argument_parts"].get("encoders", 0.0), e["flops_per_device"], e["temporaries"]))
     for name, p in r.get("remat_policies", {}).items():
         if "error" in p:
             lines.append(f"  remat {name}: DOES NOT FIT ({p['error']})")

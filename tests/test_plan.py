@@ -30,7 +30,8 @@ def _plan(tmp_path: Path, *extra):
 
 
 def test_plan_reports_the_resolved_attention_and_each_remat_policy(tmp_path):
-    r, text = _plan(tmp_path, "--remat-policies", "save_attention")   # next to the config's own ('full')
+    r, text = _plan(tmp_path, "--inputs", "latents", "--remat-policies", "save_attention")   # next to 'full'
+    assert r["inputs"] == "latents" and r["encoders"] is None and "encoders" not in r["per_device_gb"]["argument_parts"]
     # a CPU mesh of 2 devices: 'auto' is flash (per_head on one CPU device)
     assert r["model"]["attention_config"] == "auto" and r["model"]["attention"] == "flash"
     assert r["model"]["attention_override"] is None and "override" not in text
@@ -43,9 +44,50 @@ def test_plan_reports_the_resolved_attention_and_each_remat_policy(tmp_path):
 
 
 def test_plan_attention_override_is_recorded(tmp_path):
-    r, text = _plan(tmp_path, "--attention", "flash")
+    r, text = _plan(tmp_path, "--inputs", "latents", "--attention", "flash")
     assert r["model"]["attention"] == "flash" and r["model"]["attention_override"] == "flash"
     assert "attention flash (override --attention)" in text
+
+
+SMALL_PIXELS = """
+import ml_collections
+from configs import shot
+
+
+def get_config():
+    c = shot.get_config()
+    c.model.update(num_layers=2, dim=64, num_heads=2, ffn_dim=128, text_dim=32, text_len=16, image_dim=32)
+    c.data.update(num_frames=9, height=32, width=32)
+    c.lora.update(rank=4, alpha=4)
+    c.erft.capacity = 4
+    c.encoders.vae = ml_collections.ConfigDict(dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+                                                    temperal_downsample=[False, True, True]))
+    c.encoders.t5 = ml_collections.ConfigDict(dict(vocab_size=258, dim=32, dim_attn=32, dim_ffn=64, num_heads=2,
+                                                   num_layers=2, num_buckets=8, max_distance=16, text_len=16))
+    c.encoders.clip = ml_collections.ConfigDict(dict(image_size=28, patch_size=14, dim=32, mlp_dim=64, num_heads=2,
+                                                     num_layers=2))
+    return c
+"""
+
+
+def test_plan_counts_the_frozen_encoders_of_a_pixel_config(tmp_path):
+    """Without a latent cache the trainer encodes pixels inside the step, so the plan does (by default): the
+    encoders' params are an argument part, their FLOPs are in the step and also reported alone."""
+    cfg = tmp_path / "shot_small.py"
+    cfg.write_text(SMALL_PIXELS)
+    out = tmp_path / "plan.json"
+    cmd = [sys.executable, "-m", "svi_jax.plan", "--config", str(cfg), "--devices", "2", "--mesh", "data=2",
+           "--json", str(out)]
+    proc = subprocess.run(cmd, env=_env(1), capture_output=True, text=True, timeout=600, cwd=str(ROOT))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    r = json.loads(out.read_text())
+    assert r["inputs"] == "pixels" and "frozen encoders inside the step" in proc.stdout
+    enc_gb = r["per_device_gb"]["argument_parts"]["encoders"]
+    # tiny VAE + UMT5 (258 x 32 embedding, 2 layers) + CLIP: ~0.1-1 MB of float32 per device (replicated)
+    assert 1e-5 < enc_gb < 1e-2
+    e = r["encoders"]
+    assert 0 < e["flops_per_device"] < r["flops"]["compiled_per_device"]
+    assert r["flops"]["compiled_encoders_per_device"] == e["flops_per_device"]
 
 
 def test_sample_plan_lowers_to_the_samplers_program_on_four_devices(tmp_path):
