@@ -3,6 +3,9 @@
   python -m svi_jax.train --config configs/shot.py --workdir runs/shot \
       --config.checkpoints.dit=ckpt/dit --config.checkpoints.vae=ckpt/vae --config.checkpoints.t5=ckpt/t5 \
       --config.checkpoints.clip=ckpt/clip --config.data.videos=/data/mixkit
+
+On v5p-64 this pixel step (frozen encoders inside) needs 114 GB/chip at K = 500 and does not fit; from a latent
+cache (python -m svi_jax.data cache ..., then --config.data.cache=DIR) it needs 82.9 GB (docs/scaling.md).
 """
 from configs import base
 from configs.models import wan_i2v_14b

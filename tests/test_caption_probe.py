@@ -40,3 +40,25 @@ def test_probe_separates_a_caption_reader_from_an_averager():
     assert averager["true_vs_wrong"] == 100.0                     # the caption changes nothing
     assert averager["psnr_mean_motion"] > 45 > averager["psnr_gt"] + 10
     assert averager["sharpness_ratio"] < reader["sharpness_ratio"]
+
+
+def test_sampler_sweep_metrics_and_bar_marks_on_known_clips():
+    """The sweep's clip metrics on clips whose answers are known: the true continuation is 100 dB everywhere with
+    sharpness 1; the reference repeated (no motion) keeps the first frame but not the truth; a blurred copy misses
+    the sharpness bar and is marked so."""
+    from svi_jax.experiments import sampler_sweep
+
+    case = scroll.heldout_specs()[0]
+    ref = case.frame0(H, W)
+    truth = scroll.make_scroll(ref, T, case.direction, case.speed)
+    m = sampler_sweep.clip_metrics(truth, ref, truth)
+    assert m["psnr_first_frame"] == 100.0 and m["psnr_gt"] == 100.0
+    assert abs(m["sharpness_ratio"] - 1.0) < 0.1
+    still = sampler_sweep.clip_metrics(np.repeat(ref[None], T, 0), ref, truth)
+    assert still["psnr_first_frame"] == 100.0 and still["psnr_gt"] < 30
+    blur = ((truth.astype(np.float64) + np.roll(truth, 1, 2) + np.roll(truth, 1, 1) + np.roll(truth, -1, 2)) / 4)
+    b = sampler_sweep.clip_metrics(np.rint(blur).astype(np.uint8), ref, truth)
+    assert b["sharpness_ratio"] < 0.6 and not sampler_sweep.meets("sharpness_ratio", b["sharpness_ratio"])
+    row = dict(steps=10, cfg_scale=1.0, shift=1.0, picture=case.picture, **b)
+    assert "✗" in sampler_sweep.table([row]).splitlines()[-1]
+    assert sampler_sweep.parse_settings("10:1:1,40:1.1:3")[1] == {"steps": 40, "cfg_scale": 1.1, "shift": 3.0}
