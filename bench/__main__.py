@@ -167,7 +167,7 @@ def plan_rows(res):
                 why += ("; XLA:CPU keeps bf16 intermediates in f32 and fuses less, so its temporaries are an upper "
                         "bound: the same plan compiled for TPU is the number to trust")
             out.append(row(f"7. Plan ({name}): {r['config']} on {r['devices']} x {r['chip']} ({mesh}), "
-                           f"{r['tokens_per_clip']} tokens/clip, inputs {r.get('inputs', 'latents')}",
+                           f"{r['tokens_per_clip']} tokens/clip" + (f", inputs {r['inputs']}" if r.get("inputs") else ""),
                            f"peak {pd['peak']:.1f} GB/device",
                            f"HBM {r['chip_hbm_gb']:.0f} GB", pd["peak"] / r["chip_hbm_gb"], "fits (<= 1)",
                            bool(r["fits"]), why))
