@@ -47,12 +47,13 @@ def test_eight_fake_devices():
 
 def test_plan_command_on_a_reduced_config(tmp_path):
     out = tmp_path / "plan.json"
+    # --inputs latents: the reduced DiT widths do not match the full-size frozen encoders that pixel inputs
+    # would put inside the step (tests/test_plan.py covers the pixel step with tiny encoders)
+    sets = ["model.num_layers=2", "model.dim=64", "model.num_heads=2", "model.ffn_dim=128", "model.text_dim=32",
+            "model.text_len=16", "model.image_dim=32", "data.num_frames=9", "data.height=64", "data.width=64",
+            "lora.rank=4", "erft.capacity=6"]
     cmd = [sys.executable, "-m", "svi_jax.plan", "--config", str(ROOT / "configs" / "shot.py"), "--devices", "4",
-           "--mesh", "data=2,fsdp=2", "--json", str(out),
-           "--set", "model.num_layers=2", "--set", "model.dim=64", "--set", "model.num_heads=2",
-           "--set", "model.ffn_dim=128", "--set", "model.text_dim=32", "--set", "model.text_len=16",
-           "--set", "model.image_dim=32", "--set", "data.num_frames=9", "--set", "data.height=64",
-           "--set", "data.width=64", "--set", "lora.rank=4", "--set", "erft.capacity=6"]
+           "--mesh", "data=2,fsdp=2", "--json", str(out), "--inputs", "latents"] + [f"--config.{s}" for s in sets]
     env = _env(1)  # the command must set its own device count
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=str(ROOT))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
