@@ -2,6 +2,9 @@
 
 Measures, on the first local device (planned for one H100/H200, <= 8 minutes):
 
+0. parity of the fused kernel (cuDNN on GPU, splash on TPU) against a float32 reference on this device: self-
+   attention at 1,950 tokens, cross-attention to 257 and 512 keys, a ragged key length (``kv_len``), batch 2,
+   values and gradients (relative error), so a fast kernel is also shown to be exact;
 1. attention forward and forward+backward at ``[1, 32760, 40, 128]`` bf16: the platform's fused kernel (cuDNN on
    GPU, splash on TPU), ``flash`` (blockwise JAX) and ``xla`` (a dense score matrix: 171.7 GB fp32, expected to run
    out of memory; recorded as a failure, not a crash);
@@ -39,6 +42,7 @@ REMAT = ("full", "save_attention", "offload_attention")
 FULL = dict(attn=(1, 32760, 40, 128), dim=5120, heads=40, ffn=13824, layers=2, rank=128, latent=(21, 60, 104),
             text_len=512, text_dim=4096, image_dim=1280, capacity=500, video=(81, 480, 832), reps=3,
             vae=dict(base_dim=96, z_dim=16))
+PARITY = dict(full=dict(B=2, L=1950, H=4, D=128, keys=(257, 512)), tiny=dict(B=2, L=45, H=2, D=32, keys=(17,)))
 TINY = dict(attn=(1, 200, 2, 32), dim=64, heads=2, ffn=128, layers=2, rank=4, latent=(3, 8, 8), text_len=16,
             text_dim=32, image_dim=32, capacity=8, video=(5, 32, 32), reps=1, vae=dict(base_dim=8, z_dim=16))
 
@@ -71,9 +75,17 @@ def timed(fn, reps: int) -> dict:
     return {"first_s": first, "median_s": ts[len(ts) // 2]}
 
 
+_RUN = {"deadline": None, "save": None}   # set by main(): a time limit for starting measurements, a saver
+
+
 def guarded(name: str, fn, results: dict):
-    """Run one measurement; a failure (e.g. out of memory) is recorded, not raised."""
+    """Run one measurement; a failure (e.g. out of memory) is recorded, not raised. Past ``--deadline-s`` a
+    measurement is recorded as skipped; after each one the report so far is written (a run cut short keeps it)."""
     t0 = time.perf_counter()
+    if _RUN["deadline"] is not None and t0 > _RUN["deadline"]:
+        results[name] = {"status": "skipped", "error": "skipped: --deadline-s reached", "wall_s": 0.0}
+        print(f"  {name}: skipped (deadline)", flush=True)
+        return
     try:
         results[name] = dict(fn(), status="ok")
     except Exception as e:  # noqa: BLE001 - every failure is a result here
@@ -83,9 +95,62 @@ def guarded(name: str, fn, results: dict):
                          "trace_tail": traceback.format_exc()[-800:]}
     results[name]["wall_s"] = time.perf_counter() - t0
     print(f"  {name}: {results[name]['status']} ({results[name]['wall_s']:.1f} s)", flush=True)
+    if _RUN["save"] is not None:
+        try:
+            _RUN["save"]()
+        except Exception as e:  # noqa: BLE001 - a failed partial save must not end the run
+            print(f"  (partial report not written: {e})", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------ parts
+
+
+def parity_part(kernel: str, tiny: bool, results):
+    """The fused kernel in bf16 against float32 ``xla`` attention (small lengths, so the dense reference fits):
+    max |err| / max |ref| of the output and of dq, dk, dv."""
+    import jax
+    import jax.numpy as jnp
+
+    from svi_jax.models.attention_kernels import cudnn_attention, splash_attention
+    from svi_jax.models.layers import attention
+
+    P = PARITY["tiny" if tiny else "full"]
+    B, L, H, D = P["B"], P["L"], P["H"], P["D"]
+
+    def fused(q, k, v, kv_len=None):
+        if kernel == "cudnn":
+            return cudnn_attention(q, k, v, kv_len=kv_len)
+        if kernel == "splash":
+            return splash_attention(q, k, v, kv_len=kv_len)
+        return attention(q[:, :, :, :], k[:, :kv_len], v[:, :kv_len], kernel)
+
+    def ref(q, k, v, kv_len=None):
+        f = lambda t: t.astype(jnp.float32)  # noqa: E731
+        return attention(f(q), f(k)[:, :kv_len], f(v)[:, :kv_len], "xla")
+
+    def rel(a, b):
+        a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+        return float(jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1e-30))
+
+    cases = [("self", L, None)] + [(f"cross{n}", n, None) for n in P["keys"]] + [("ragged", L, L - 37)]
+    for name, lk, kv_len in cases:
+        def one(lk=lk, kv_len=kv_len):
+            ks = jax.random.split(jax.random.key(lk), 4)
+            q = jax.random.normal(ks[0], (B, L, H, D), jnp.bfloat16)
+            k, v = (jax.random.normal(kk, (B, lk, H, D), jnp.bfloat16) for kk in ks[1:3])
+            w = jax.random.normal(ks[3], (B, L, H, D), jnp.float32)
+            loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v, kv_len).astype(jnp.float32) * w)  # noqa: E731
+            o = jax.jit(fused, static_argnums=3)(q, k, v, kv_len)
+            g = jax.jit(jax.grad(loss(fused), argnums=(0, 1, 2)))(q, k, v)
+            with jax.default_matmul_precision("highest"):   # no TF32 in the reference on GPU
+                o_ref = jax.jit(ref, static_argnums=3)(q, k, v, kv_len)
+                g_ref = jax.jit(jax.grad(loss(ref), argnums=(0, 1, 2)))(q, k, v)
+            out = {"out_rel_err": rel(o, o_ref)}
+            out.update({f"d{n}_rel_err": rel(a, b) for n, a, b in zip("qkv", g, g_ref)})
+            out["max_rel_err"] = max(out.values())
+            return out
+
+        guarded(f"parity/{kernel}/{name}", one, results)
 
 
 def attention_part(S, impls, reps, results):
@@ -262,9 +327,13 @@ def to_markdown(report: dict) -> str:
         for k in ("peak_gb", "temp_gb", "step_s_40_layers", "mfu_40_layers", "clip_s_50_steps_40_layers", "bank_gb"):
             if r.get(k) is not None:
                 extra.append(f"{k} {r[k]:.3g}")
+        for k in ("max_rel_err",):
+            if r.get(k) is not None:
+                extra.append(f"{k} {r[k]:.2g}")
         if r.get("flops"):
             extra.append(f"TFLOP/s {r['flops'] / r['median_s'] / 1e12:.3g}")
-        lines.append(f"| {name} | ok | {r['median_s']:.4g} | {r['first_s']:.3g} | {', '.join(extra)} |")
+        med, first = (f"{r[k]:.4g}" if k in r else "" for k in ("median_s", "first_s"))
+        lines.append(f"| {name} | ok | {med} | {first} | {', '.join(extra)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -272,7 +341,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.device", description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="toy sizes (any machine, the numbers mean nothing)")
     p.add_argument("--out", default=os.path.join(REPO, "bench", "device"), help="folder for <tag>.json / .md")
-    p.add_argument("--only", default="", help="comma list of parts: attention,train,sample,bank,vae")
+    p.add_argument("--only", default="", help="comma list of parts: parity,attention,train,sample,bank,vae")
+    p.add_argument("--deadline-s", type=float, default=None,
+                   help="start no measurement after this many seconds (the rest are recorded as skipped)")
     p.add_argument("--remat", default=",".join(REMAT), help="remat policies of the train step (comma list)")
     args = p.parse_args(argv)
     import jax
@@ -282,11 +353,27 @@ def main(argv=None) -> int:
     S = TINY if args.tiny else FULL
     dev = jax.devices()[0]
     peak = peak_tflops(dev.device_kind)
-    parts = set(args.only.split(",")) if args.only else {"attention", "train", "sample", "bank", "vae"}
+    parts = set(args.only.split(",")) if args.only else {"parity", "attention", "train", "sample", "bank", "vae"}
     fused = {"splash": "splash", "cudnn": "cudnn"}.get(backend_kernel(dev.platform), "per_head")
     results: dict = {}
     t0 = time.perf_counter()
+    tag = "tiny" if args.tiny else re.sub(r"[^a-z0-9]+", "_", dev.device_kind.lower()).strip("_")
+    report = {"device_kind": dev.device_kind, "platform": dev.platform, "tiny": bool(args.tiny),
+              "jax": jax.__version__, "peak_bf16_tflops": peak, "sizes": copy.deepcopy(S), "results": results,
+              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    os.makedirs(args.out, exist_ok=True)
+
+    def save(final: bool = False):
+        report.update(wall_s=time.perf_counter() - t0, complete=final)
+        with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
+            json.dump(report, f, indent=2)
+        with open(os.path.join(args.out, f"{tag}.md"), "w") as f:
+            f.write(to_markdown(report))
+
+    _RUN.update(save=save, deadline=None if args.deadline_s is None else t0 + args.deadline_s)
     print(f"device check on {dev.device_kind} ({dev.platform}), sizes {'tiny' if args.tiny else 'full'}", flush=True)
+    if "parity" in parts:
+        parity_part(fused, bool(args.tiny), results)
     if "attention" in parts:
         attention_part(S, (fused, "flash", "xla"), S["reps"], results)
     if "train" in parts:
@@ -297,16 +384,8 @@ def main(argv=None) -> int:
         bank_part(S, S["reps"], results)
     if "vae" in parts:
         vae_part(S, S["reps"], results)
-    report = {"device_kind": dev.device_kind, "platform": dev.platform, "tiny": bool(args.tiny),
-              "jax": jax.__version__, "peak_bf16_tflops": peak, "sizes": copy.deepcopy(S), "results": results,
-              "wall_s": time.perf_counter() - t0,
-              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    tag = "tiny" if args.tiny else re.sub(r"[^a-z0-9]+", "_", dev.device_kind.lower()).strip("_")
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    with open(os.path.join(args.out, f"{tag}.md"), "w") as f:
-        f.write(to_markdown(report))
+    _RUN.update(save=None, deadline=None)
+    save(final=True)
     print(to_markdown(report), flush=True)
     return 0
 

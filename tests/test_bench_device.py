@@ -18,6 +18,8 @@ def test_device_check_runs_at_tiny_size(tmp_path):
     assert want <= set(r["results"]), sorted(r["results"])
     failed = {k: v["error"] for k, v in r["results"].items() if v["status"] != "ok"}
     assert not failed, failed
+    parity = {k: v["max_rel_err"] for k, v in r["results"].items() if k.startswith("parity/")}
+    assert len(parity) == 3 and all(0 < e < 0.02 for e in parity.values()), parity   # bf16 against float32
     step = r["results"]["train_step/save_attention"]
     assert step["median_s"] > 0 and step["peak_gb"] > 0 and step["step_s_40_layers"] > step["median_s"]
     assert "| train_step/save_attention | ok |" in (tmp_path / "tiny.md").read_text()
