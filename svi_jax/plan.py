@@ -5,8 +5,10 @@
 Builds the train state and the batch as ``jax.ShapeDtypeStruct``s, as the trainer reads them for the config
 (``--inputs config``): with a latent cache (``data.cache``) the DiT step on cached latents
 (``conditioners.LatentConditioner``); otherwise pixel batches, with the frozen VAE/UMT5/CLIP (their shapes from
-``config.encoders`` or the checkpoints' ``config.json``, in ``config.encoders.dtype``) encoding them inside the
-step (``conditioners.PixelConditioner``), counted in the memory and FLOPs and also reported alone. It jits the real
+``config.encoders`` or the checkpoints' ``config.json``, in ``config.encoders.dtype``) encoding them in their own
+program before the DiT step, as the trainer runs them (``conditioners.PixelConditioner``, ``TrainStep.encode``):
+both programs are compiled, the peak is the larger of the two (the encoders' beside the rest of the state; the DiT
+step's beside the pixel batch the caller holds), and the FLOPs are their sum. It jits the real
 train step as the trainer builds it (:func:`svi_jax.train.builder.build`, abstract), lowers and compiles it for
 
 * ``--target cpu`` (default): ``--devices`` fake CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count=N``,
@@ -190,26 +192,22 @@ def _build(config, devices, sizes: dict, batch_size: int, inputs: str):
     return built, sharding.abstract(batch, built.step.batch_shardings)
 
 
-def encoder_report(built, batch) -> dict:
-    """FLOPs and temporaries per device of the frozen encoders alone (the conditioner's ``prepare``, compiled on
-    the step's mesh with the step's shardings): the share of the step that a latent cache would skip."""
-    import jax
-
-    from svi_jax import sharding
-
-    step, prep = built.step, built.conditioner.prepare
-    s_sh, b_sh = step.jitted.in_shardings
-    f = sharding.MeshJit(lambda p, b: prep(p, b, jax.random.key(0)), step.mesh, (s_sh.params, b_sh), None,
-                         rules=step.rules)
-    state = built.state
-    compiled = f.lower(state.params, batch).compile()
+def encoder_report(built, batch, resident_bytes: int = 0) -> dict:
+    """The frozen encoders' own program (``TrainStep.lower_encode``, run before the DiT step, as the trainer runs
+    it): FLOPs, temporaries and peak per device. ``peak_with_state`` adds ``resident_bytes``, the rest of the train
+    state that stays on the device while it runs (DiT params, LoRA, optimizer, banks)."""
+    compiled = built.step.lower_encode(built.state, batch).compile()
     mem = memory(compiled)
     return {"flops_per_device": hlo_stats(compiled.as_text())["flops"], "temporaries": mem["temporaries"],
-            "peak": mem["peak"]}
+            "peak": mem["peak"], "arguments": mem["arguments"], "outputs": mem["outputs"],
+            "peak_with_state": mem["peak"] + resident_bytes / GB}
 
 
-def remat_report(config, devices, sizes, batch_size, policies, hbm_gb: float, inputs: str = "latents") -> dict:
-    """Per remat policy: the compiled step's memory per device (and whether it fits ``hbm_gb``) and compile time."""
+def remat_report(config, devices, sizes, batch_size, policies, hbm_gb: float, inputs: str = "latents",
+                 extra_gb: float = 0.0, floor_gb: float = 0.0) -> dict:
+    """Per remat policy: the compiled step's memory per device (and whether it fits ``hbm_gb``) and compile time.
+    With encoders, ``peak`` is the larger of the DiT step's plus ``extra_gb`` (the pixel batch the caller holds)
+    and ``floor_gb`` (the encoders' program beside the state, which no remat policy changes)."""
     import copy
 
     out = {}
@@ -227,6 +225,7 @@ def remat_report(config, devices, sizes, batch_size, policies, hbm_gb: float, in
                          "compile_s": time.time() - t0}
             continue
         mem = memory(compiled)
+        mem["peak"] = max(mem["peak"] + extra_gb, floor_gb)
         out[name] = dict(mem, fits=bool(mem["peak"] <= hbm_gb), compile_s=time.time() - t0,
                          compiled_flops_per_device=hlo_stats(compiled.as_text())["flops"])
     return out
@@ -297,22 +296,28 @@ def plan(args) -> dict:
         if name != "dit":   # a full fine-tune's DiT: counted with the params
             parts[name] = sharding.per_device_bytes(saved[name], saved_sh[name])
     parts["batch"] = sharding.per_device_bytes(batch, b_sh)
+    if enc_names:   # the DiT step takes the encoders' outputs; the caller still holds the pixel batch meanwhile
+        parts["inputs"] = sharding.per_device_bytes(jitted.abstract_inputs, jitted.input_shardings)
     bank_bytes = parts.get("banks", 0)
     K = int(config.erft.capacity)
 
     args_b, out_b = mem.argument_size_in_bytes, mem.output_size_in_bytes
     alias_b, temp_b = mem.alias_size_in_bytes, mem.temp_size_in_bytes
-    peak = args_b + out_b - alias_b + temp_b
+    dit_peak = args_b + out_b - alias_b + temp_b + (parts["batch"] if enc_names else 0)
+    encoders = None
+    if enc_names:   # the encoders' program runs first, beside the rest of the state
+        resident = sum(v for k, v in parts.items() if k not in ("encoders", "batch", "inputs"))
+        encoders = encoder_report(built, batch, resident)
+    peak = max(dit_peak, encoders["peak_with_state"] * GB if encoders else 0)
     chip = CHIPS[args.chip]
     hbm = chip["hbm_gb"] * GB
     lora_params = sum(int(math.prod(a.shape)) for a in jax.tree.leaves(state.lora or {})) \
         // max(dit_cfg.num_layers, 1) * dit_cfg.num_layers
     ana = analytic_flops(dit_cfg, (F, H, W), batch_size, dit_cfg.text_len,
                          config.model.remat_policy != "none", int(config.lora.rank), lora_params)
-    encoders = encoder_report(built, batch) if enc_names else None
     enc_flops = encoders["flops_per_device"] if encoders else 0.0
-    compiled_total = stats["flops"] * args.devices
-    dit_total = (stats["flops"] - enc_flops) * args.devices
+    compiled_total = (stats["flops"] + enc_flops) * args.devices
+    dit_total = stats["flops"] * args.devices
     per_slot = bank_bytes / K if K else 0.0
     headroom = hbm - (peak - bank_bytes)
     report = {
@@ -338,14 +343,17 @@ def plan(args) -> dict:
                  "num_grids": int(config.erft.num_grids), "capacity": K, "bank_dtype": config.erft.bank_dtype},
         "per_device_gb": {
             "arguments": args_b / GB, "outputs": out_b / GB, "aliased": alias_b / GB, "temporaries": temp_b / GB,
-            "peak": peak / GB, "generated_code": mem.generated_code_size_in_bytes / GB,
+            "peak": peak / GB, "peak_dit_step": dit_peak / GB,
+            "peak_encoders": encoders["peak_with_state"] if encoders else None,
+            "generated_code": mem.generated_code_size_in_bytes / GB,
             "argument_parts": {k: v / GB for k, v in parts.items()},
         },
         "fits": bool(peak <= hbm),
         "bank_gb_per_device_per_capacity_slot": per_slot / GB,
         "max_capacity_that_fits": int(max(0, headroom) // per_slot) if per_slot else None,
         "flops": {
-            "compiled_per_device": stats["flops"],
+            "compiled_per_device": stats["flops"] + enc_flops,
+            "compiled_dit_step_per_device": stats["flops"],
             "compiled_total": compiled_total,
             "xla_cost_analysis_per_device_loop_bodies_once": float(ca.get("flops", 0.0)),
             "analytic_forward": ana["forward"],
@@ -354,12 +362,14 @@ def plan(args) -> dict:
             "analytic_three_x_forward": ana["three_x_forward"],
             "compiled_encoders_per_device": enc_flops,
             "compiled_over_analytic_step": dit_total / ana["step"] if ana["step"] else None,
-            "ideal_step_s_at_peak": stats["flops"] / (chip["bf16_tflops"] * 1e12),
+            "ideal_step_s_at_peak": (stats["flops"] + enc_flops) / (chip["bf16_tflops"] * 1e12),
         },
         "collective_gb_per_device": stats["collective_bytes"] / GB,
         "collective_gb_by_kind": {k: v / GB for k, v in stats["collective_bytes_by_kind"].items()},
         "remat_policies": (remat_report(config, devices, sizes, batch_size, _policies(args.remat_policies),
-                                        chip["hbm_gb"], inputs) if args.remat_policies else {}),
+                                        chip["hbm_gb"], inputs, (parts["batch"] / GB) if encoders else 0.0,
+                                        encoders["peak_with_state"] if encoders else 0.0)
+                           if args.remat_policies else {}),
         "lower_s": lower_s,
         "compile_s": compile_s,
         "jax": jax.__version__,
@@ -400,16 +410,18 @@ def format_report(r: dict) -> str:
         "  FLOPs: compiled {:.3e}/device, {:.3e} total; analytic step {:.3e} (forward {:.3e}); ratio {:.3f}".format(
             fl["compiled_per_device"], fl["compiled_total"], fl["analytic_step"], fl["analytic_forward"],
             fl["compiled_over_analytic_step"] or float("nan"))
-        + (" (DiT part, without the encoders)" if r.get("encoders") else ""),
+        + (" (ratio: the DiT step alone)" if r.get("encoders") else ""),
         f"  ideal step time at peak bf16: {fl['ideal_step_s_at_peak']:.2f} s; collectives "
         f"{r['collective_gb_per_device']:.1f} GB/device/step",
         f"  lower {r['lower_s']:.1f} s, compile {r['compile_s']:.1f} s",
     ]
     if r.get("encoders"):
         e = r["encoders"]
-        lines.insert(5, "  frozen encoders inside the step (pixel inputs): {:.2f} GB params/device, {:.3e} FLOPs/device, "
-                     "{:.2f} GB temporaries alone (a latent cache skips them: --inputs latents)".format(
-                         pd["argument_parts"].get("encoders", 0.0), e["flops_per_device"], e["temporaries"]))
+        lines.insert(5, "  frozen encoders, their own program before the DiT step (pixel inputs): {:.2f} GB params/device, "
+                     "{:.3e} FLOPs/device, {:.2f} GB temporaries, peak {:.2f} GB with the rest of the state; the DiT "
+                     "step's peak {:.2f} GB (a latent cache skips the encoders: --inputs latents)".format(
+                         pd["argument_parts"].get("encoders", 0.0), e["flops_per_device"], e["temporaries"],
+                         e["peak_with_state"], pd["peak_dit_step"]))
     for name, p in r.get("remat_policies", {}).items():
         if "error" in p:
             lines.append(f"  remat {name}: DOES NOT FIT ({p['error']})")

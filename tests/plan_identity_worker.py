@@ -1,6 +1,7 @@
 """Run by tests/test_plan.py with 8 fake CPU devices: the trainer's compiled-to-be step and svi_jax.plan's step for
 the same small config lower to the same program (StableHLO text without locations), with latent inputs (a latent
-cache) and with pixel inputs (the frozen encoders inside the step). Prints ``OK identical``."""
+cache) and with pixel inputs (the frozen encoders' program, then the DiT step: both compared). Prints
+``OK identical``."""
 import os
 import sys
 import tempfile
@@ -77,12 +78,17 @@ batch = {"video": np.zeros((4, d_.num_frames, d_.height, d_.width, 3), np.float3
          "caption": np.array(["a", "b", "c", "d"], dtype=object)}
 with tempfile.TemporaryDirectory() as d:
     trainer = train.Trainer(config, d, data=iter(()))
+    db = trainer.device_batch(batch)
     jax.clear_caches()
-    t_text = strip(trainer.step_fn.lower(trainer.state, trainer.device_batch(batch)).as_text())
+    t_text = strip(trainer.step_fn.lower(trainer.state, db).as_text())
+    jax.clear_caches()
+    t_enc = strip(trainer.step_fn.lower_encode(trainer.state, db).as_text())
     trainer.close()
 
 step, state, abstract_batch, _ = plan.build_step(tiny_encoders(small_config()), jax.devices(), dict(config.mesh), 4,
                                                  inputs="config")
 jax.clear_caches()
-compare(t_text, strip(step.lower(state, abstract_batch).as_text()), "pixels")
+compare(t_text, strip(step.lower(state, abstract_batch).as_text()), "pixels (DiT)")
+jax.clear_caches()
+compare(t_enc, strip(step.lower_encode(state, abstract_batch).as_text()), "pixels (encoders)")
 print("OK identical", flush=True)

@@ -71,8 +71,9 @@ def get_config():
 
 
 def test_plan_counts_the_frozen_encoders_of_a_pixel_config(tmp_path):
-    """Without a latent cache the trainer encodes pixels inside the step, so the plan does (by default): the
-    encoders' params are an argument part, their FLOPs are in the step and also reported alone."""
+    """Without a latent cache the trainer encodes pixels with the frozen encoders in their own program before the
+    DiT step, so the plan does (by default): the encoders' params are an argument part, both programs are
+    compiled, the peak is the larger of the two and the FLOPs are their sum."""
     cfg = tmp_path / "shot_small.py"
     cfg.write_text(SMALL_PIXELS)
     out = tmp_path / "plan.json"
@@ -81,13 +82,22 @@ def test_plan_counts_the_frozen_encoders_of_a_pixel_config(tmp_path):
     proc = subprocess.run(cmd, env=_env(1), capture_output=True, text=True, timeout=600, cwd=str(ROOT))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     r = json.loads(out.read_text())
-    assert r["inputs"] == "pixels" and "frozen encoders inside the step" in proc.stdout
-    enc_gb = r["per_device_gb"]["argument_parts"]["encoders"]
+    assert r["inputs"] == "pixels" and "frozen encoders, their own program before the DiT step" in proc.stdout
+    pd = r["per_device_gb"]
+    enc_gb = pd["argument_parts"]["encoders"]
     # tiny VAE + UMT5 (258 x 32 embedding, 2 layers) + CLIP: ~0.1-1 MB of float32 per device (replicated)
     assert 1e-5 < enc_gb < 1e-2
-    e = r["encoders"]
-    assert 0 < e["flops_per_device"] < r["flops"]["compiled_per_device"]
-    assert r["flops"]["compiled_encoders_per_device"] == e["flops_per_device"]
+    e, fl = r["encoders"], r["flops"]
+    assert 0 < e["flops_per_device"] < fl["compiled_per_device"]
+    assert fl["compiled_encoders_per_device"] == e["flops_per_device"]
+    assert fl["compiled_per_device"] == fl["compiled_dit_step_per_device"] + e["flops_per_device"]
+    # the encoders' program beside the rest of the state; the DiT step beside the pixel batch; the peak is the max
+    parts = pd["argument_parts"]
+    resident = sum(v for k, v in parts.items() if k not in ("encoders", "batch", "inputs"))
+    assert abs(e["peak_with_state"] - (e["peak"] + resident)) < 1e-9
+    assert pd["peak"] == max(pd["peak_dit_step"], e["peak_with_state"])
+    assert pd["peak_dit_step"] >= pd["arguments"] + pd["temporaries"] - pd["aliased"] + parts["batch"] - 1e-9
+    assert 0 < parts["inputs"] < parts["batch"]   # latents + text/image tokens are smaller than the pixels
 
 
 def test_sample_plan_lowers_to_the_samplers_program_on_four_devices(tmp_path):

@@ -263,3 +263,27 @@ def test_checkpoint_is_everything_but_the_frozen_part():
         back = state.with_checkpoint(saved)
         assert jax.tree.structure(back) == jax.tree.structure(state)
         assert ("lora" in state) == (trainable == "lora") and ("banks" in state) == erft
+
+
+def test_encoders_run_as_their_own_program_with_the_single_programs_numbers(dataset, tmp_path):
+    """Pixel batches: the trainer runs the frozen encoders as their own program, then the DiT step on their outputs
+    (so the two never hold temporaries at once). With the same key for the encoders' random draws, that gives the
+    single fused program's loss, LoRA update, banks and next key."""
+    c = _config(dataset, num_steps=1)
+    c.baseline = {"handcrafted_p": 1.0}   # the encoders' prepare draws random numbers too (Tab. 7 degradations)
+    t = train_lib.Trainer(c, str(tmp_path / "run"))
+    batch = t.device_batch(next(t.data))
+    assert t.step_fn.encoder is not None and "video" not in t.step_fn.abstract_inputs
+    fused = jax.jit(train_lib.make_train_step(c, t.conditioner.prepare)[0])   # encoders inside, not donated
+    s_one, m_one = fused(t.state, batch)
+    s_two, m_two = t.step_fn(t.state, batch)
+    t.close()
+    np.testing.assert_allclose(float(m_two["loss"]), float(m_one["loss"]), rtol=1e-5)
+    np.testing.assert_array_equal(jax.random.key_data(s_two.rng), jax.random.key_data(s_one.rng))
+    # LoRA in float32 to 1e-4; the bf16 banks to one bf16 rounding step (the two programs fuse differently)
+    for name, rtol in (("lora", 1e-4), ("banks", 2 ** -7)):
+        one, two = (flatten(jax.tree.map(np.asarray, s[name])) for s in (s_one, s_two))
+        assert one.keys() == two.keys()
+        for k, v in one.items():
+            np.testing.assert_allclose(np.asarray(two[k], np.float32), np.asarray(v, np.float32), rtol=rtol,
+                                       atol=1e-6, err_msg=f"{name} {k}")

@@ -22,7 +22,7 @@ from svi_jax.erft import sharded as erft_sharded
 from svi_jax.models.dit import DiTConfig, logical_specs, param_shapes
 from svi_jax.train.config import make_optimizer
 from svi_jax.train.state import TrainState, init_state, load_frozen_params
-from svi_jax.train.step import make_train_step
+from svi_jax.train.step import identity_prepare, make_encode, make_train_step
 
 log = logging.getLogger("svi_jax.train")
 
@@ -115,39 +115,76 @@ def init_sharded(config, params, key, mesh: Mesh, tx, encoder_cfgs=None):
 # ------------------------------------------------------------------------------------------------ the jitted step
 
 
+def encoder_params(tree) -> dict:
+    """The frozen encoders' part of a state's params (or of its shardings): everything but the DiT."""
+    return {k: v for k, v in tree.params.items() if k != "dit"}
+
+
 class TrainStep:
     """``step(state, batch)`` jitted (:class:`svi_jax.sharding.MeshJit`) with explicit shardings on the first call
     (the batch structure is known then): the state as ``state_shardings`` and donated, the batch split over
     ``data`` x ``fsdp``, metrics replicated. Batches not yet on the mesh are put there (``device_put``, a no-op for
-    arrays already sharded so)."""
+    arrays already sharded so).
 
-    def __init__(self, step_fn: Callable, mesh: Mesh, state_shardings, rules=sharding.LOGICAL_RULES):
+    With frozen encoders (``encode_fn``, pixel batches) a step is two programs: the encoders' (encoder params,
+    batch, ``state.rng``) -> model inputs, split like the batch, then the DiT step on those inputs. The encoders'
+    temporaries are then never live beside the DiT step's (at 14B on v5p-64 the single program needs 114 GB/chip,
+    the two 83 GB, see docs/scaling.md), and the random draws are the single program's (:func:`make_encode`)."""
+
+    def __init__(self, step_fn: Callable, mesh: Mesh, state_shardings, rules=sharding.LOGICAL_RULES,
+                 encode_fn: Optional[Callable] = None):
         self.step_fn, self.mesh, self.state_shardings, self.rules = step_fn, mesh, state_shardings, rules
-        self.batch_shardings = None
+        self.encode_fn = encode_fn
+        self.batch_shardings = self.input_shardings = self.abstract_inputs = None
         self.jitted: Optional[sharding.MeshJit] = None
+        self.encoder: Optional[sharding.MeshJit] = None
 
     def build(self, state, batch) -> sharding.MeshJit:
         if self.jitted is None:
-            self.batch_shardings = sharding.to_shardings(sharding.batch_specs(batch, self.mesh), self.mesh)
-            metrics = sharding.eval_shape_on(self.mesh, self.step_fn, state, batch, rules=self.rules)[1]
-            m_sh = jax.tree.map(lambda _: NamedSharding(self.mesh, P()), metrics)
-            self.jitted = sharding.MeshJit(self.step_fn, self.mesh, (self.state_shardings, self.batch_shardings),
-                                           (self.state_shardings, m_sh), donate_argnums=(0,), rules=self.rules)
+            mesh, st_sh = self.mesh, self.state_shardings
+            self.batch_shardings = sharding.to_shardings(sharding.batch_specs(batch, mesh), mesh)
+            inputs = batch
+            if self.encode_fn is not None:
+                inputs = sharding.eval_shape_on(mesh, self.encode_fn, encoder_params(state), batch, state.rng,
+                                                rules=self.rules)
+                in_sh = sharding.to_shardings(sharding.batch_specs(inputs, mesh), mesh)
+                self.encoder = sharding.MeshJit(self.encode_fn, mesh, (encoder_params(st_sh), self.batch_shardings,
+                                                                       st_sh.rng), in_sh, rules=self.rules)
+            self.input_shardings = sharding.to_shardings(sharding.batch_specs(inputs, mesh), mesh)
+            self.abstract_inputs = sharding.abstract(inputs, self.input_shardings)
+            metrics = sharding.eval_shape_on(mesh, self.step_fn, state, inputs, rules=self.rules)[1]
+            m_sh = jax.tree.map(lambda _: NamedSharding(mesh, P()), metrics)
+            self.jitted = sharding.MeshJit(self.step_fn, mesh, (st_sh, self.input_shardings), (st_sh, m_sh),
+                                           donate_argnums=(0,), rules=self.rules)
         return self.jitted
+
+    def encode(self, state, batch):
+        """The model inputs of ``batch`` (the encoders' program; the batch itself when there are no encoders)."""
+        self.build(state, batch)
+        batch = jax.device_put(batch, self.batch_shardings)
+        return batch if self.encoder is None else self.encoder(encoder_params(state), batch, state.rng)
 
     def __call__(self, state, batch):
         f = self.build(state, batch)
-        return f(state, jax.device_put(batch, self.batch_shardings))
+        return f(state, self.encode(state, batch))
 
     def lower(self, state, batch):
-        return self.build(state, batch).lower(state, batch)
+        """The DiT step's program (on the model inputs of ``batch``)."""
+        return self.build(state, batch).lower(state, self.abstract_inputs)
+
+    def lower_encode(self, state, batch):
+        """The encoders' program, or None without encoders (cached latents)."""
+        self.build(state, batch)
+        return None if self.encoder is None else self.encoder.lower(encoder_params(state), batch, state.rng)
 
 
 def sharded_train_step(config, conditioner, mesh, state_shardings):
-    """The train step as the trainer runs it, jitted on ``mesh`` with ``state_shardings`` (:class:`TrainStep`).
-    Returns ``(step, module, tx)``."""
-    step_fn, module, tx = make_train_step(config, conditioner.prepare)
-    return TrainStep(step_fn, mesh, state_shardings, rules_of(config)), module, tx
+    """The train step as the trainer runs it, jitted on ``mesh`` with ``state_shardings`` (:class:`TrainStep`):
+    with frozen encoders (``conditioner.params``) their program first, then the DiT step. Returns
+    ``(step, module, tx)``."""
+    encode_fn = make_encode(conditioner.prepare) if conditioner.params else None
+    step_fn, module, tx = make_train_step(config, identity_prepare if encode_fn else conditioner.prepare)
+    return TrainStep(step_fn, mesh, state_shardings, rules_of(config), encode_fn), module, tx
 
 
 # ------------------------------------------------------------------------------------------------ build

@@ -25,11 +25,34 @@ def _tree_where(c, a, b):
     return jax.tree.map(lambda x, y: jnp.where(c, x, y), a, b)
 
 
+def step_keys(rng):
+    """The step's keys from ``state.rng``: ``(next rng, t, eps, inject, curate, prepare)``. The encoders' program
+    (:func:`make_encode`) takes the same ``prepare`` key, so encoding outside the step changes no random draw."""
+    return jax.random.split(rng, 6)
+
+
+def identity_prepare(params, batch, key):
+    """``prepare`` for batches that already are model inputs (cached latents, or the encoders' program's output)."""
+    del params, key
+    return batch
+
+
+def make_encode(prepare: Callable[[Any, dict, jax.Array], dict]):
+    """The frozen encoders as a program of their own: ``(encoder params, batch, state.rng) -> model inputs``, with
+    the step's own ``prepare`` key (:func:`step_keys`). Run before the DiT step (:class:`svi_jax.train.TrainStep`),
+    so the two never hold their temporaries at once."""
+    def encode(params, batch, rng):
+        return jax.lax.stop_gradient(prepare(params, batch, step_keys(rng)[5]))
+
+    return encode
+
+
 def make_train_step(config, prepare: Callable[[Any, dict, jax.Array], dict]):
     """The pure train step ``(state, batch) -> (state, metrics)``; returns ``(step, module, tx)``.
 
     ``prepare(params, batch, key)`` turns a batch into model inputs ``{x0, y, context, clip_fea}`` (frozen, no
-    gradient): the VAE/UMT5/CLIP encoders for pixel batches, or the identity for cached latents.
+    gradient): the identity for cached latents or for inputs already encoded by :func:`make_encode` (what the
+    trainer does with pixel batches), or the VAE/UMT5/CLIP encoders themselves, inside the step.
     """
     dit_cfg = dataclasses.replace(DiTConfig.from_dict(config.model.to_dict()),
                                   lora_scale=config.lora.alpha / config.lora.rank)
@@ -47,7 +70,7 @@ def make_train_step(config, prepare: Callable[[Any, dict, jax.Array], dict]):
     p_drop_audio = float(config.get("talk", {}).get("p_drop_audio", 0.0))
 
     def step(state, batch):
-        rng, k_t, k_eps, k_inj, k_cur, k_prep = jax.random.split(state.rng, 6)
+        rng, k_t, k_eps, k_inj, k_cur, k_prep = step_keys(state.rng)
         inputs = jax.lax.stop_gradient(prepare(state.params, batch, k_prep))
         x0, ctx = inputs["x0"], inputs["context"]
         # extra condition streams and their dropout (SVI-Dance: pose; a no-op for other models)

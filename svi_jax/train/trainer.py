@@ -119,17 +119,24 @@ class Trainer:
         batch = self.data.peek() if hasattr(self.data, "peek") else None
         t0 = time.time()
         if batch is not None:
-            lowered = self.step_fn.lower(self.state, self.device_batch(batch))
-            compiled = lowered.compile()
-            self._compiled_info = {"compile_s": round(time.time() - t0, 2)}
-            try:
-                mem = compiled.memory_analysis()
-                if mem is not None:
-                    self._compiled_info["temp_mb"] = round(mem.temp_size_in_bytes / 2**20, 1)
-                    self._compiled_info["args_mb"] = round(mem.argument_size_in_bytes / 2**20, 1)
-            except Exception:  # pragma: no cover - backend dependent
-                pass
-            log.info("compiled train step: %s", self._compiled_info)
+            batch = self.device_batch(batch)
+            programs = {"": self.step_fn.lower(self.state, batch), "encoders_": self.step_fn.lower_encode(
+                self.state, batch)}
+            self._compiled_info = {}
+            for prefix, lowered in programs.items():
+                if lowered is None:
+                    continue
+                compiled = lowered.compile()
+                try:
+                    mem = compiled.memory_analysis()
+                    if mem is not None:
+                        self._compiled_info[prefix + "temp_mb"] = round(mem.temp_size_in_bytes / 2**20, 1)
+                        self._compiled_info[prefix + "args_mb"] = round(mem.argument_size_in_bytes / 2**20, 1)
+                except Exception:  # pragma: no cover - backend dependent
+                    pass
+            self._compiled_info["compile_s"] = round(time.time() - t0, 2)
+            log.info("compiled train step%s: %s", " (encoders, then DiT)" if programs["encoders_"] else "",
+                     self._compiled_info)
 
     def run(self, num_steps: int | None = None, progress: bool = True) -> dict:
         c = self.config.train
