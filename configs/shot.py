@@ -4,8 +4,9 @@
       --config.checkpoints.dit=ckpt/dit --config.checkpoints.vae=ckpt/vae --config.checkpoints.t5=ckpt/t5 \
       --config.checkpoints.clip=ckpt/clip --config.data.videos=/data/mixkit
 
-On v5p-64 this pixel step (frozen encoders inside) needs 114 GB/chip at K = 500 and does not fit; from a latent
-cache (python -m svi_jax.data cache ..., then --config.data.cache=DIR) it needs 82.9 GB (docs/scaling.md).
+On v5p-64 (data 8 x fsdp 8) this pixel step (the frozen encoders' program, then the DiT step) needs 86.98 GB/chip
+at K = 500 and fits; from a latent cache (python -m svi_jax.data cache ..., then --config.data.cache=DIR) the DiT
+step alone needs 82.9 GB (docs/scaling.md).
 """
 from configs import base
 from configs.models import wan_i2v_14b
