@@ -79,11 +79,11 @@ _RUN = {"deadline": None, "save": None}   # set by main(): a time limit for star
 
 
 def guarded(name: str, fn, results: dict):
-    """Run one measurement; a failure (e.g. out of memory) is recorded, not raised. Past ``--deadline-s`` a
+    """Run one measurement; a failure (e.g. out of memory) is recorded, not raised. Past ``--deadline_s`` a
     measurement is recorded as skipped; after each one the report so far is written (a run cut short keeps it)."""
     t0 = time.perf_counter()
     if _RUN["deadline"] is not None and t0 > _RUN["deadline"]:
-        results[name] = {"status": "skipped", "error": "skipped: --deadline-s reached", "wall_s": 0.0}
+        results[name] = {"status": "skipped", "error": "skipped: --deadline_s reached", "wall_s": 0.0}
         print(f"  {name}: skipped (deadline)", flush=True)
         return
     try:
@@ -342,7 +342,7 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="toy sizes (any machine, the numbers mean nothing)")
     p.add_argument("--out", default=os.path.join(REPO, "bench", "device"), help="folder for <tag>.json / .md")
     p.add_argument("--only", default="", help="comma list of parts: parity,attention,train,sample,bank,vae")
-    p.add_argument("--deadline-s", type=float, default=None,
+    p.add_argument("--deadline_s", type=float, default=None,
                    help="start no measurement after this many seconds (the rest are recorded as skipped)")
     p.add_argument("--remat", default=",".join(REMAT), help="remat policies of the train step (comma list)")
     args = p.parse_args(argv)
