@@ -149,7 +149,7 @@ def make_conditioner(config, workdir: str | None = None):
     enc = make_encoders(config)
     if enc.clip_cfg is not None:
         enc.check_image_width(config.model.image_dim)
-    enc = enc.in_dtype(config.encoders.get("dtype", "float32"))   # the frozen encoders in bf16 inside the train step
+    enc = enc.in_dtype(config.encoders.get("dtype", "float32"))   # the frozen encoders in bf16 (their own program)
     enc.check_widths(config.model.text_dim, config.model.out_dim)
     cond = PixelConditioner(config, enc)
     if config.model.get("multitalk", False):    # SVI-Talk: the batch's audio windows go to the DiT too

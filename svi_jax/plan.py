@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(comma list, or 'all' = full,save_attention,offload_attention) and report their memory")
     p.add_argument("--inputs", default="config", choices=INPUTS, help="what the step takes: 'config' = what the "
                    "trainer reads for this config (a latent cache with data.cache, else pixels encoded by the frozen "
-                   "VAE/UMT5/CLIP inside the step, counted in the plan), or force 'latents' / 'pixels'")
+                   "VAE/UMT5/CLIP in their own program before the DiT step, both compiled and counted), or force 'latents' / "
+                   "'pixels'")
     p.add_argument("--json", default="", help="also write the report here")
     p.add_argument("--label", default="", help="a free-text label stored in the report")
     p.add_argument("--sample", action="store_true", help="plan the sampler instead of the train step: the program "
@@ -118,7 +119,7 @@ INPUTS = ("config", "latents", "pixels")
 
 def resolve_inputs(config, inputs: str = "config") -> str:
     """What the trainer's step takes for ``config``: 'latents' with a latent cache (``config.data.cache``), else
-    'pixels' (video, condition frames, first frame and caption ids, encoded inside the step)."""
+    'pixels' (video, condition frames, first frame and caption ids, encoded by the frozen encoders' program)."""
     if inputs not in INPUTS:
         raise ValueError(f"--inputs must be one of {INPUTS}, got {inputs!r}")
     if inputs != "config":
@@ -172,7 +173,7 @@ def abstract_batch(config, conditioner, batch_size: int) -> dict:
 def build_step(config, devices, sizes: dict, batch_size: int, inputs: str = "latents"):
     """The trainer's own step, built as the trainer builds it (``svi_jax.train.builder.build``, abstract: nothing
     allocated) on a mesh of ``devices``, with the batch of ``inputs``: 'latents' (a latent cache,
-    ``LatentConditioner``) or 'pixels' (the frozen VAE/UMT5/CLIP run inside the step, ``PixelConditioner``).
+    ``LatentConditioner``) or 'pixels' (the frozen VAE/UMT5/CLIP's program first, ``PixelConditioner``).
     Returns ``(step, state, batch, mesh)``; ``step.lower(state, batch)`` lowers it."""
     built, batch = _build(config, devices, sizes, batch_size, inputs)
     return built.step, built.state, batch, built.step.mesh
