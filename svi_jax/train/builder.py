@@ -129,7 +129,7 @@ class TrainStep:
     With frozen encoders (``encode_fn``, pixel batches) a step is two programs: the encoders' (encoder params,
     batch, ``state.rng``) -> model inputs, split like the batch, then the DiT step on those inputs. The encoders'
     temporaries are then never live beside the DiT step's (at 14B on v5p-64 the single program needs 114 GB/chip,
-    the two 83 GB, see docs/scaling.md), and the random draws are the single program's (:func:`make_encode`)."""
+    the two 87 GB, see docs/scaling.md), and the random draws are the single program's (:func:`make_encode`)."""
 
     def __init__(self, step_fn: Callable, mesh: Mesh, state_shardings, rules=sharding.LOGICAL_RULES,
                  encode_fn: Optional[Callable] = None):
@@ -147,10 +147,11 @@ class TrainStep:
             if self.encode_fn is not None:
                 inputs = sharding.eval_shape_on(mesh, self.encode_fn, encoder_params(state), batch, state.rng,
                                                 rules=self.rules)
-                in_sh = sharding.to_shardings(sharding.batch_specs(inputs, mesh), mesh)
-                self.encoder = sharding.MeshJit(self.encode_fn, mesh, (encoder_params(st_sh), self.batch_shardings,
-                                                                       st_sh.rng), in_sh, rules=self.rules)
             self.input_shardings = sharding.to_shardings(sharding.batch_specs(inputs, mesh), mesh)
+            if self.encode_fn is not None:
+                self.encoder = sharding.MeshJit(self.encode_fn, mesh, (encoder_params(st_sh), self.batch_shardings,
+                                                                       st_sh.rng), self.input_shardings,
+                                                rules=self.rules)
             self.abstract_inputs = sharding.abstract(inputs, self.input_shardings)
             metrics = sharding.eval_shape_on(mesh, self.step_fn, state, inputs, rules=self.rules)[1]
             m_sh = jax.tree.map(lambda _: NamedSharding(mesh, P()), metrics)
