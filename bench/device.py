@@ -122,7 +122,7 @@ def parity_part(kernel: str, tiny: bool, results):
             return cudnn_attention(q, k, v, kv_len=kv_len)
         if kernel == "splash":
             return splash_attention(q, k, v, kv_len=kv_len)
-        return attention(q[:, :, :, :], k[:, :kv_len], v[:, :kv_len], kernel)
+        return attention(q, k[:, :kv_len], v[:, :kv_len], kernel)
 
     def ref(q, k, v, kv_len=None):
         f = lambda t: t.astype(jnp.float32)  # noqa: E731

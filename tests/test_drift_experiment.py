@@ -36,8 +36,13 @@ def test_quick_experiment_writes_results_report_and_plots(tmp_path):
     cell = p["psnr_gt"][str(e.num_clips)]
     assert cell["n"] == n_roll and cell["ci95"][0] <= cell["mean"] <= cell["ci95"][1]
     assert results["settings"]["experiment"]["seeds"] == list(e.seeds)
-    for f in ("drift.png", "paired.png", "strip.png"):
+    for f in ("drift.png", "paired.png", "training.png", "strip.png"):
         assert os.path.getsize(tmp_path / "docs" / "drift" / f) > 1000
+    # a second pass re-uses what the first trained and rolled out, and adds its (near-zero) time to the first's
+    drift.run(config, str(run), command="test")
+    t1, t2 = results["timings"], json.load(open(run / "results.json"))["timings"]
+    assert t1["passes"] == 1 and t2["passes"] == 2, (t1, t2)
+    assert t1["loras"] <= t2["loras"] < t1["loras"] + 5 and t1["rollouts"] <= t2["rollouts"] < t1["rollouts"] + 5
     assert "| erft |" in res["report"] and "clip 3" in res["report"] and "erft − plain" in res["report"]
     # stitched length: each clip but the last gives up its m overlap frames (Shot m=1, Film m=5)
     shot = np.load(run / "rollouts" / "erft_camera.npz")["frames"]

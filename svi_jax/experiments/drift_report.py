@@ -124,6 +124,42 @@ def _plot_paired(pairs: dict, marks: list, path: str):
     plt.close(fig)
 
 
+def _curves(run: dict) -> list:
+    path = os.path.join(os.path.dirname(run["lora"]), "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    return [r for r in map(json.loads, open(path)) if "step" in r and "loss" in r]
+
+
+def _plot_training(runs: dict, path: str, window: int = 25) -> bool:
+    """Each LoRA's training loss (moving mean over ``window`` steps) and, for the ERFT runs, how full the latent
+    error banks are: does training run long enough for the banks to fill and the loss to flatten?"""
+    import matplotlib.pyplot as plt
+
+    curves = {name: _curves(r) for name, r in runs.items()}
+    curves = {k: v for k, v in curves.items() if v}
+    if not curves:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), squeeze=False)
+    for i, (name, rows) in enumerate(curves.items()):
+        steps, loss = np.array([r["step"] for r in rows]), np.array([r["loss"] for r in rows])
+        w = max(1, min(window, len(loss)))
+        axes[0][0].plot(steps[w - 1:], np.convolve(loss, np.ones(w) / w, "valid"), label=name, color=f"C{i % 10}",
+                        lw=1.8 if name in ("plain", "erft") else 0.9)
+        fill = [r["bank_fill_latent"] for r in rows if "bank_fill_latent" in r]
+        if fill:
+            axes[0][1].plot(steps[-len(fill):], np.asarray(fill) * 100, label=name, color=f"C{i % 10}")
+    axes[0][0].set(title=f"LoRA training loss (mean of {window} steps)", xlabel="step")
+    axes[0][1].set(title="latent error banks filled (%)", xlabel="step", ylim=(0, 105))
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def frame_strip(workdir: str, models: list, case: str, clip_frames: int, clips: list, path: str) -> bool:
     """A PNG grid: rows = ground truth + models, columns = the last frame of each clip in ``clips``."""
     from PIL import Image
@@ -173,6 +209,7 @@ def write(config, workdir: str, rollouts: dict, runs: dict, timings: dict, repor
     _plot_drift(rollouts, os.path.join(workdir, "drift.png"))
     if pairs:
         _plot_paired(pairs, marks, os.path.join(workdir, "paired.png"))
+    _plot_training(runs, os.path.join(workdir, "training.png"))
     strip_clips = sorted({k for k in (1, 10, 20) if k <= n})
     frame_strip(workdir, [m for m in ("base", "plain", "erft") if m in rollouts],
                 heldout_first(config), clip_frames, strip_clips, os.path.join(workdir, "strip.png"))
@@ -182,7 +219,7 @@ def write(config, workdir: str, rollouts: dict, runs: dict, timings: dict, repor
     if report_path:
         d = os.path.join(os.path.dirname(os.path.abspath(report_path)), "drift")
         os.makedirs(d, exist_ok=True)
-        for name in ("drift.png", "paired.png", "strip.png", "strip.txt", "results.json"):
+        for name in ("drift.png", "paired.png", "training.png", "strip.png", "strip.txt", "results.json"):
             if os.path.exists(os.path.join(workdir, name)):
                 shutil.copy(os.path.join(workdir, name), os.path.join(d, name))
         with open(os.path.join(d, "results.md"), "w") as f:
@@ -200,8 +237,12 @@ def _fmt(v: float) -> str:
 
 def markdown(rollouts, summary, pairs, runs, timings, marks, command) -> str:
     nroll = len(next(iter(rollouts.values())))
-    lines = [f"Measured with `{command}`; {sum(timings.values()):.0f} s in all on this machine "
-             f"({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}); {nroll} paired rollouts per model.", ""]
+    secs = {k: v for k, v in timings.items() if k != "passes"}
+    passes = int(timings.get("passes", 1))
+    lines = [f"Measured with `{command}`; {sum(secs.values()):.0f} s in all on this machine "
+             f"({', '.join(f'{k} {v:.0f} s' for k, v in secs.items())}"
+             f"{f'; the sum over {passes} passes in one workdir' if passes > 1 else ''}); "
+             f"{nroll} paired rollouts per model.", ""]
     for key, (_, label, higher) in METRICS.items():
         better = "higher" if higher else "lower" if higher is False else "closer to 1"
         lines += [f"**{label}** (`{key}`, {better} is better; mean ± std over rollouts)", "",
