@@ -64,6 +64,7 @@ def _variant_config(config, variant: str, film: bool, base_dir: str, dataset: st
 
 def _train(config, workdir: str, what: str):
     from svi_jax.train import Trainer
+    from svi_jax.train.metrics import step_rows
 
     done = os.path.join(workdir, "DONE")
     if os.path.exists(done):
@@ -75,7 +76,7 @@ def _train(config, workdir: str, what: str):
     trainer.close()
     if summary["end_step"] < config.train.num_steps:
         raise SystemExit(f"{what} stopped at step {summary['end_step']} (interrupted); re-run to continue")
-    rows = [r for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl"))) if "step" in r]
+    rows = step_rows(workdir)
     tail = rows[-max(1, len(rows) // 10):]
     summary.update(seconds=round(time.time() - t0, 1), final_loss=float(np.mean([r["loss"] for r in tail])))
     json.dump(summary, open(done, "w"))

@@ -125,10 +125,9 @@ def _plot_paired(pairs: dict, marks: list, path: str):
 
 
 def _curves(run: dict) -> list:
-    path = os.path.join(os.path.dirname(run["lora"]), "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    return [r for r in map(json.loads, open(path)) if "step" in r and "loss" in r]
+    from svi_jax.train.metrics import step_rows
+
+    return [r for r in step_rows(os.path.dirname(run["lora"])) if "loss" in r]
 
 
 def _plot_training(runs: dict, path: str, window: int = 25) -> bool:

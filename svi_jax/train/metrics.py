@@ -9,6 +9,15 @@ import jax
 METRICS_FILE = "metrics.jsonl"
 
 
+def step_rows(workdir: str) -> list:
+    """The per-step rows of ``WORKDIR/metrics.jsonl`` (the header row skipped); [] when there is no file."""
+    path = os.path.join(workdir, METRICS_FILE)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [r for r in map(json.loads, f) if "step" in r]
+
+
 def resolved_attention(config, mesh) -> str:
     """What ``config.model.attention`` runs as on ``mesh``'s devices (``auto``: the platform's fused kernel)."""
     from svi_jax.models.layers import resolve_attention
